@@ -1,0 +1,82 @@
+"""`kd train | validate | export`: parse arguments, then call into the package.
+
+`kd train` validates the recipe, prepares packaged assets once (so ranks never race to download), and then starts the
+real `deepspeed` launcher with launchers/train.py on each rank: the same path a GPU cluster uses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+
+from kd.errors import EXIT_USER_ERROR, UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kd", description="Distributed knowledge distillation on DeepSpeed.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a recipe with the deepspeed launcher")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: run.nproc)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
+    p = sub.add_parser("validate", help="check a recipe without training")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
+    p.add_argument("checkpoints")
+    p.add_argument("out_dir")
+    p.add_argument("--tag", default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "validate":
+            return validate(args.recipe, args.overrides)
+        if args.command == "train":
+            return train(args.recipe, args.overrides, nproc=args.nproc, master_port=args.master_port)
+        if args.command == "export":
+            from kd.export import export
+
+            export(args.checkpoints, args.out_dir, tag=args.tag, dtype=args.dtype)
+            return 0
+    except UserError as e:
+        print(f"kd: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def validate(recipe_path: str, overrides: list[str]) -> int:
+    from kd.preflight import check_recipe
+
+    recipe = check_recipe(recipe_path, overrides)
+    print(f"{recipe_path}: ok ({recipe.loss.name}, {recipe.train.max_steps or recipe.train.epochs} "
+          f"{'steps' if recipe.train.max_steps else 'epochs'}, student ZeRO-{recipe.student.zero_stage}, "
+          f"teacher ZeRO-{recipe.teacher.zero_stage})")
+    return 0
+
+
+def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_port: int | None) -> int:
+    from kd.preflight import check_recipe, prepare_assets
+
+    recipe = check_recipe(recipe_path, overrides)
+    prepare_assets(recipe)
+    nproc = nproc or recipe.run.nproc
+    port = master_port or _free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
+           "--module", "kd.launch", "--recipe", recipe_path, *overrides]
+    print(f"kd: launching {nproc} process(es): deepspeed --num_gpus {nproc} launchers/train.py --recipe {recipe_path}"
+          + "".join(f" {o}" for o in overrides), file=sys.stderr, flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.call(cmd, env=env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The recipe schema: every key a recipe may hold, its type, default and meaning.
+
+Each section is a small pydantic model that rejects unknown keys, and each component receives only its own section.
+The field descriptions are the reference documentation (README "Recipe reference" is generated from them by
+`kd.config.reference`), so keep them to one sentence that says what the knob does.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    output_dir: str = Field(description="Run directory: metrics.jsonl, tensorboard/, checkpoints/, recipe.yaml.")
+    nproc: int = Field(1, ge=1, description="Processes per node that `kd train` launches when --nproc is not given.")
+    log_interval: int = Field(1, ge=1, description="Print a progress line every N optimizer steps (JSONL/TensorBoard get every step).")
+    progress_bar: bool = Field(True, description="Show a progress bar with ETA on rank 0.")
+
+
+class ModelSource(Section):
+    path: Optional[str] = Field(None, description="Local Hugging Face model directory, or `asset:NAME` for a packaged model (see README).")
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside `path` to load (dequantized by transformers).")
+    config: Optional[dict[str, Any]] = Field(None, description="Inline transformers config (`model_type` + fields) to build a randomly initialised model.")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="Parameter dtype; bf16 also enables DeepSpeed bf16 training for the student.")
+    trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run. Off unless you trust the source.")
+
+
+class TeacherConfig(ModelSource):
+    zero_stage: Literal[0, 3] = Field(3, description="3 = parameters sharded across all ranks (teachers larger than one GPU); 0 = a full replica per rank.")
+    offload_params: bool = Field(False, description="With zero_stage 3, keep the teacher's parameter shards in CPU memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.config is None:
+            raise ValueError("set `path` (a model directory) or `config` (an inline model config)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        return self
+
+
+class StudentConfig(ModelSource):
+    init_from_teacher_layers: Optional[list[int]] = Field(
+        None, description="Build the student from the teacher's config keeping these teacher layers (in order) and copy their weights, with embeddings, final norm and lm_head.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage of the student's training engine.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer states in CPU memory (ZeRO-Offload, stage >= 1).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("path", "config", "init_from_teacher_layers") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("set exactly one of `path`, `config`, `init_from_teacher_layers`" + (f" (got {', '.join(given)})" if given else ""))
+        if self.init_from_teacher_layers is not None and not self.init_from_teacher_layers:
+            raise ValueError("init_from_teacher_layers must list at least one layer")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class DatasetSource(Section):
+    path: str = Field(description="A local .jsonl/.json/.parquet/.txt file, a directory saved with `save_to_disk`, a hub dataset name, or `asset:NAME`.")
+    split: str = Field("train", description="Split to read (hub datasets and DatasetDicts).")
+    name: Optional[str] = Field(None, description="Hub dataset configuration name.")
+
+
+class DataConfig(Section):
+    kind: Literal["text", "chat"] = Field("text", description="text: documents concatenated and packed into seq_len blocks; chat: one conversation per sample, loss on assistant tokens only.")
+    train: DatasetSource = Field(description="Training data.")
+    eval: Optional[DatasetSource] = Field(None, description="Held-out data; when unset, `eval_fraction` of the training documents is held out.")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of training documents held out for eval when `eval` is unset.")
+    seq_len: int = Field(512, ge=8, description="Tokens per sample; must not exceed the models' maximum position.")
+    text_field: str = Field("text", description="Column holding the text (kind: text).")
+    messages_field: str = Field("messages", description="Column holding a list of {role, content} turns (kind: chat).")
+    prompt_field: str = Field("prompt", description="Column holding the prompt when samples are prompt/response pairs (kind: chat).")
+    response_field: str = Field("response", description="Column holding the response when samples are prompt/response pairs (kind: chat).")
+    overlong: Literal["truncate", "error"] = Field("truncate", description="What to do with a chat sample longer than seq_len: cut it (and count it) or stop with an error.")
+    max_documents: Optional[int] = Field(None, ge=1, description="Use only the first N documents (quick experiments).")
+    shuffle: bool = Field(True, description="Shuffle samples each epoch (seeded by train.seed, so runs are reproducible).")
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
+
+
+class LossConfig(Section):
+    name: str = Field("forward_kl", description="forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_reverse_kl | ce, or a dotted path `pkg.module.Class`.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to both student and teacher logits in the divergence.")
+    ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="w in (1 - w) * divergence + w * cross-entropy on the labels.")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher in M = beta * p + (1 - beta) * q.")
+    alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_kl / skew_reverse_kl: skew weight of the mixture (DistiLLM).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to a custom (dotted-path) loss.")
+
+
+class TrainConfig(Section):
+    max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to train; the run stops at max_steps or after `epochs`, whichever comes first.")
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training samples (may be fractional).")
+    micro_batch_size: int = Field(1, ge=1, description="Samples per rank per forward/backward.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per rank per optimizer step.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * min_lr_ratio.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off).")
+    seed: int = Field(0, description="Seed for model init, data order and dropout.")
+
+    @model_validator(mode="after")
+    def _has_length(self):
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set max_steps or epochs")
+        return self
+
+
+class EvalConfig(Section):
+    interval: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0 = only at the start and end).")
+    max_batches: Optional[int] = Field(None, ge=1, description="Evaluate on at most N micro-batches per rank (None = the whole split).")
+    at_start: bool = Field(True, description="Evaluate before the first step, so curves start at step 0.")
+
+
+class CheckpointConfig(Section):
+    interval: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints, delete older ones.")
+    at_end: bool = Field(True, description="Save a checkpoint when training ends.")
+
+
+class Recipe(Section):
+    run: RunConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    tokenizer: Optional[str] = Field(None, description="Tokenizer directory; defaults to the teacher's `path`.")
+    data: DataConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    resume: Union[Literal["auto", "never"], str] = Field("auto", description="auto: continue from the newest checkpoint in the run directory if any; never: start fresh; or a checkpoint directory.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config merged into the student engine's config (advanced; e.g. communication settings).")

@@ -1,0 +1,84 @@
+"""The trained module (student + loss) and its DeepSpeed training engine.
+
+The loss lives *inside* the module DeepSpeed trains, so a loss that owns parameters (TRG's projector) is sharded,
+optimized and checkpointed by ZeRO together with the student, and non-tensor loss state (TAID's t) rides in the
+module's state_dict through get_extra_state. "Student" is a role: competitive distillation can build two of these.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+
+from kd.losses.base import DistillationLoss, LossInputs, LossOutput
+
+
+def shift(tensor: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
+    """Drop the last position so position i predicts token i+1; cut logits to the shared vocabulary (lm_head rows
+    padded past the tokenizer, e.g. 152064 vs 151936, carry no meaning)."""
+    if tensor is None:
+        return None
+    out = tensor[:, :-1]
+    return out[..., :vocab_size] if vocab_size is not None else out
+
+
+class DistillationModule(torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, loss: DistillationLoss, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.vocab_size = vocab_size
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor] = None,
+        teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None,
+        step: int = 0,
+    ) -> LossOutput:
+        out = self.student(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=self.loss.needs_hidden_states,
+            use_cache=False,
+        )
+        hidden = tuple(shift(h) for h in out.hidden_states) if self.loss.needs_hidden_states else None
+        t_hidden = tuple(shift(h) for h in teacher_hidden) if teacher_hidden is not None else None
+        return self.loss(
+            LossInputs(
+                student_logits=shift(out.logits, self.vocab_size),
+                teacher_logits=shift(teacher_logits, self.vocab_size),
+                labels=labels[:, 1:],
+                student_hidden=hidden,
+                teacher_hidden=t_hidden,
+                step=step,
+            )
+        )
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at total_steps."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_engine(module: DistillationModule, ds_config: dict[str, Any], *, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """deepspeed.initialize for the trained module; returns the engine (optimizer and scheduler live inside it)."""
+    import deepspeed
+
+    def scheduler(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, min_lr_ratio))
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=ds_config, lr_scheduler=scheduler)
+    return engine

@@ -1,0 +1,38 @@
+"""Per-rank entry point: what `deepspeed [...] launchers/train.py --recipe R [key=value ...]` (or
+`deepspeed --module kd.launch ...`, which `kd train` uses) runs on every rank.
+
+The launcher (deepspeed, accelerate, torchrun, slurm) sets RANK/WORLD_SIZE/MASTER_ADDR/...; this script reads the
+recipe and trains. Bad input exits with code 2 and one line on stderr (printed by rank 0 only).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kd.config import load_recipe
+from kd.errors import EXIT_USER_ERROR, UserError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="kd training process (one per rank)")
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="key.path=value")
+    args = parser.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        from kd.trainer import Trainer
+
+        Trainer(recipe).train()
+    except UserError as e:
+        if e.file is None and e.key is not None:
+            e.file = args.recipe
+        if os.environ.get("RANK", "0") == "0":
+            print(f"kd: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

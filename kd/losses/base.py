@@ -1,0 +1,85 @@
+"""The loss contract between the trainer and every distillation loss.
+
+A loss receives one micro-batch's logits (and optionally hidden states) in `LossInputs` and returns *sums* over its
+loss tokens in `LossOutput`. The trainer divides the sums once, by the global number of loss tokens of the whole
+optimizer step (all micro-batches, all ranks). Losses never normalize: a per-micro-batch mean would weight short
+micro-batches more than long ones under gradient accumulation and data parallelism (the mean-of-means bug).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from kd.losses.functional import IGNORE_INDEX
+
+
+@dataclass
+class LossInputs:
+    """What the trainer hands a loss for one micro-batch.
+
+    The trainer has already shifted logits against labels (position i predicts ``labels[:, i]``) and cut both
+    logits to the vocabulary shared by student and teacher.
+    """
+
+    student_logits: Tensor  # [B, L, V], requires grad
+    teacher_logits: Optional[Tensor]  # [B, L, V], no grad; None when the loss sets needs_teacher = False
+    labels: Tensor  # [B, L] next-token ids, IGNORE_INDEX (-100) where no loss
+    student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states
+    teacher_hidden: Optional[tuple[Tensor, ...]] = None
+    step: int = 0  # optimizer step, for losses with schedules
+
+
+@dataclass
+class LossOutput:
+    """Sums over the micro-batch's loss tokens; the trainer divides all of them by the same global token count."""
+
+    loss_sum: Tensor  # scalar fp32: SUM over loss tokens of the per-token total loss (never a mean)
+    num_tokens: Tensor  # scalar long: loss tokens counted (labels != IGNORE_INDEX)
+    terms: dict[str, Tensor] = field(default_factory=dict)  # scalar SUMS per named term, detached, for logging only
+
+
+def loss_token_mask(labels: Tensor) -> Tensor:
+    """Boolean mask of the positions that carry a loss (``labels != IGNORE_INDEX``)."""
+    return labels != IGNORE_INDEX
+
+
+def masked_sum(per_token: Tensor, mask: Tensor) -> Tensor:
+    """Sum of ``per_token`` over the positions where ``mask`` is True, as an fp32 scalar.
+
+    Selection (``torch.where``) rather than multiplication: a NaN or inf at an ignored position (e.g. a padded row)
+    must not leak into the sum. No host sync: an all-ignored micro-batch simply sums to 0.
+    """
+    return torch.where(mask, per_token.float(), torch.zeros((), dtype=torch.float32, device=per_token.device)).sum()
+
+
+class DistillationLoss(torch.nn.Module):
+    """Base class of every loss the trainer can run.
+
+    It is a ``torch.nn.Module`` so that a loss may own trainable parameters (a projector, fusion weights): the trainer
+    places the loss inside the trained module, so ZeRO shards, optimizes and checkpoints those parameters with the
+    student. Non-tensor state (schedules, momentum, the previous step's loss) belongs in ``get_extra_state`` /
+    ``set_extra_state``, so that ``state_dict()`` / ``load_state_dict()`` carry it into every checkpoint. (This base
+    does not override them: torch adds an ``_extra_state`` entry only for modules that do.)
+
+    Subclasses set the class attributes below and implement ``forward``. Per-token losses should count tokens with
+    `loss_token_mask` and sum with `masked_sum`.
+    """
+
+    needs_teacher: bool = True  # False: the trainer skips the teacher forward (plain fine-tuning)
+    needs_hidden_states: bool = False  # True: the trainer fills LossInputs.student_hidden / teacher_hidden
+
+    def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
+        """Return the micro-batch's loss sum, loss-token count and per-term sums (see `LossOutput`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs) -> LossOutput")
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Called once per optimizer step (never during eval) after the step, with globally reduced metrics.
+
+        ``metrics["loss"]`` is the step's loss averaged over all loss tokens of all ranks; every rank receives the
+        same values, so state updated here stays identical across ranks. Returns extra scalars to log (e.g. a
+        schedule's current value). Default: no state, nothing to log.
+        """
+        return {}

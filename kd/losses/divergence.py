@@ -1,0 +1,90 @@
+"""The classic KD losses: a divergence between student and teacher, optionally mixed with the hard-label CE.
+
+Per loss token (``labels != -100``):
+
+    total = (1 - w) * divergence(student, teacher; T) + w * cross_entropy(student, label)
+
+and `LossOutput` carries the sums of ``total`` over loss tokens plus, for logging, the unweighted sums of each part
+(``terms["kd"]`` and, when ``w > 0``, ``terms["ce"]``). The CE term is only computed when it is used: it needs another
+fp32 pass over the ``[B, L, V]`` logits, which is too costly for a logging-only number (eval reports the CE anyway).
+"""
+from __future__ import annotations
+
+import inspect
+
+from kd.errors import UserError
+from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum
+from kd.losses.functional import DIVERGENCES, cross_entropy
+
+
+def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
+    """Reject keyword arguments the divergence does not take now, rather than with a TypeError at the first step."""
+    params = inspect.signature(DIVERGENCES[divergence]).parameters
+    allowed = [name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "temperature"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"divergence {divergence!r} takes {allowed or 'no extra arguments'}, got {unknown}")
+
+
+class DivergenceLoss(DistillationLoss):
+    """``(1 - ce_weight) * divergence + ce_weight * CE`` per loss token, summed (see the module docstring).
+
+    Args:
+        divergence: a key of `kd.losses.functional.DIVERGENCES` (forward_kl, reverse_kl, jsd, tvd, skew_kl,
+            skew_reverse_kl).
+        temperature: softmax temperature of both distributions in the divergence (not in the CE); no T^2 factor.
+        ce_weight: w in [0, 1].
+        **divergence_kwargs: the divergence's own knobs (``beta`` for jsd, ``alpha`` for the skew KLs).
+    """
+
+    needs_teacher = True
+    needs_hidden_states = False
+
+    def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, **divergence_kwargs: float):
+        super().__init__()
+        if divergence not in DIVERGENCES:
+            raise UserError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}", key="loss.name")
+        if temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {temperature}", key="loss.temperature")
+        if not 0.0 <= ce_weight <= 1.0:
+            raise UserError(f"ce_weight must be in [0, 1], got {ce_weight}", key="loss.ce_weight")
+        _check_divergence_kwargs(divergence, divergence_kwargs)
+        self.divergence = divergence
+        self.temperature = float(temperature)
+        self.ce_weight = float(ce_weight)
+        self.divergence_kwargs = dict(divergence_kwargs)
+        self._fn = DIVERGENCES[divergence]
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        """Sum the mixed per-token loss over the loss tokens of this micro-batch."""
+        if inputs.teacher_logits is None:
+            raise ValueError(f"{self.divergence} needs teacher_logits (the trainer must run the teacher)")
+        mask = loss_token_mask(inputs.labels)
+        per_token = self._fn(inputs.student_logits, inputs.teacher_logits, temperature=self.temperature,
+                             **self.divergence_kwargs)
+        kd_sum = masked_sum(per_token, mask)
+        terms = {"kd": kd_sum.detach()}
+        if self.ce_weight > 0.0:
+            ce_sum = masked_sum(cross_entropy(inputs.student_logits, inputs.labels), mask)
+            terms["ce"] = ce_sum.detach()
+            loss_sum = (1.0 - self.ce_weight) * kd_sum + self.ce_weight * ce_sum
+        else:
+            loss_sum = kd_sum
+        return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+
+    def extra_repr(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in self.divergence_kwargs.items())
+        return f"divergence={self.divergence}, temperature={self.temperature}, ce_weight={self.ce_weight}{extra}"
+
+
+class CrossEntropyLoss(DistillationLoss):
+    """Plain next-token cross-entropy on the labels (no teacher): the fine-tuning baseline, ``loss.name: ce``."""
+
+    needs_teacher = False
+    needs_hidden_states = False
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        """Sum the per-token CE over the loss tokens; ``teacher_logits`` is ignored (normally None)."""
+        mask = loss_token_mask(inputs.labels)
+        ce_sum = masked_sum(cross_entropy(inputs.student_logits, inputs.labels), mask)
+        return LossOutput(loss_sum=ce_sum, num_tokens=mask.sum(), terms={"ce": ce_sum.detach()})

@@ -1,0 +1,178 @@
+"""Eager per-token divergences between a student and a teacher distribution: the spec and the CPU path.
+
+Every divergence takes ``(student_logits, teacher_logits, *, temperature=1.0, ...)`` with shapes ``[..., V]`` (any
+leading dims), and returns one value per position, shape ``[...]``. Notation used in the docstrings:
+
+    p = softmax(teacher_logits / T)    (teacher)
+    q = softmax(student_logits / T)    (student)
+
+Conventions shared by all functions here:
+
+- Computation is in fp32 whatever the input dtype (bf16 logits are upcast first): the sums over V of small terms
+  are where bf16 loses the signal. Log-probabilities come from ``log_softmax`` so no ``log(softmax(x))`` underflows.
+- The teacher is detached inside each function: gradients flow to ``student_logits`` only, so a caller cannot train
+  the teacher by accident.
+- No ``T**2`` factor. Hinton et al. (2015) multiply the soft loss by ``T**2`` to keep gradient magnitudes comparable
+  across temperatures; we leave that choice to the caller (fold it into the learning rate or a loss weight), so the
+  functions compute exactly the divergence their name says.
+- A term whose weight is exactly zero (``p_v = 0`` in ``sum_v p_v log(...)``) contributes 0, not NaN, so teacher
+  logits of ``-inf`` (masked vocabulary entries) are allowed.
+
+The Triton kernels in ``kd.ops`` are tested against these functions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IGNORE_INDEX = -100
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
+    """fp32 ``log_softmax(logits / T)`` over the last dim (upcast before dividing, so bf16 rounding is not scaled)."""
+    return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def _kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) = sum_v a_v (log a_v - log b_v) over the last dim, from log-probabilities.
+
+    Positions with ``a_v == 0`` contribute 0 (the limit of ``x log x``). The log-ratio is zeroed there *before* the
+    product, so neither the value (``0 * inf``) nor the gradient (``0 * inf`` again, in backward) becomes NaN when a
+    log-probability is ``-inf``.
+    """
+    a = log_a.exp()
+    log_ratio = torch.where(a > 0, log_a - log_b, torch.zeros_like(a))
+    return (a * log_ratio).sum(dim=-1)
+
+
+def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w * a + (1 - w) * b) from log-probabilities, stable (logaddexp of the log terms plus log weights).
+
+    The degenerate weights return the pure side exactly, which avoids ``log(0)`` and makes e.g. JSD with beta = 0
+    come out as exactly 0 with a zero (not NaN) gradient.
+    """
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _attached_to_student(value: Tensor, log_q: Tensor) -> Tensor:
+    """``value`` with a zero-valued link to the student, for degenerate weights where the value ignores the student.
+
+    E.g. JSD with beta = 1 is KL(p || p) = 0 whatever q is. Without the link the loss would have no grad_fn and a
+    recipe with ce_weight = 0 would crash in backward; with it, backward gives a zero gradient. ``q`` (not ``log q``)
+    is used because it is always finite, so ``0 * q`` cannot be NaN.
+    """
+    return value + 0.0 * log_q.exp().sum(dim=-1)
+
+
+def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Forward KL, the classic KD loss (Hinton et al., 2015): KL(p || q) = sum_v p_v (log p_v - log q_v).
+
+    Mean-seeking: the student is pushed to cover every token the teacher gives mass to.
+    Gradient w.r.t. the student logits: (q - p) / T.
+    """
+    log_p = _log_probs(teacher_logits, temperature)
+    log_q = _log_probs(student_logits, temperature)
+    return _kl_from_log_probs(log_p, log_q)
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Reverse KL (as in MiniLLM, Gu et al., 2024): KL(q || p) = sum_v q_v (log q_v - log p_v).
+
+    Mode-seeking: the student is pushed to put its mass where the teacher is confident.
+    """
+    log_p = _log_probs(teacher_logits.detach(), temperature)
+    log_q = _log_probs(student_logits, temperature)
+    return _kl_from_log_probs(log_q, log_p)
+
+
+def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+    """Generalized Jensen-Shannon divergence (Agarwal et al., 2024, "On-Policy Distillation of Language Models", GKD).
+
+        m = beta * p + (1 - beta) * q
+        JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)
+
+    beta = 0.5 is the usual symmetric JSD, bounded by log 2. beta = 0 or 1 makes m equal to q or p, and the value is
+    exactly 0 (with a zero gradient, never NaN): the term with weight 0 is skipped and the other is KL(x || x).
+    ``log m`` is a logaddexp of the two log-probabilities plus log weights, so it stays finite where p or q underflow.
+    """
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
+    log_p = _log_probs(teacher_logits.detach(), temperature)
+    log_q = _log_probs(student_logits, temperature)
+    log_m = _log_mixture(log_p, log_q, beta)
+    # Skip a zero-weight side instead of multiplying by 0: its KL may be inf (disjoint supports) and 0 * inf = NaN.
+    out = log_q.new_zeros(log_q.shape[:-1])
+    if beta > 0.0:
+        out = out + beta * _kl_from_log_probs(log_p, log_m)
+    if beta < 1.0:
+        out = out + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
+    else:
+        out = _attached_to_student(out, log_q)
+    return out
+
+
+def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+    """Total variation distance: 0.5 * sum_v |p_v - q_v|, in [0, 1] (used as a KD loss e.g. in GKD's ablations)."""
+    p = _log_probs(teacher_logits.detach(), temperature).exp()
+    q = _log_probs(student_logits, temperature).exp()
+    return 0.5 * (p - q).abs().sum(dim=-1)
+
+
+def skew_kl(student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 0.1, temperature: float = 1.0) -> Tensor:
+    """Skew KL (SKL) of DistiLLM (Ko et al., 2024): KL(p || alpha * p + (1 - alpha) * q).
+
+    Mixing a little of p into the student side keeps the divergence (and its gradient) bounded where q is tiny.
+    alpha = 0 gives forward_kl; alpha = 1 gives 0.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"skew_kl: alpha must be in [0, 1], got {alpha}")
+    log_p = _log_probs(teacher_logits.detach(), temperature)
+    log_q = _log_probs(student_logits, temperature)
+    value = _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
+    return _attached_to_student(value, log_q) if alpha >= 1.0 else value
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, alpha: float = 0.1,
+                    temperature: float = 1.0) -> Tensor:
+    """Skew reverse KL (SRKL) of DistiLLM (Ko et al., 2024): KL(q || alpha * q + (1 - alpha) * p).
+
+    alpha = 0 gives reverse_kl; alpha = 1 gives 0.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"skew_reverse_kl: alpha must be in [0, 1], got {alpha}")
+    log_p = _log_probs(teacher_logits.detach(), temperature)
+    log_q = _log_probs(student_logits, temperature)
+    return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, alpha))
+
+
+def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-token cross-entropy -log softmax(student_logits)[label], 0 where ``labels == ignore_index``.
+
+    ``student_logits`` is ``[..., V]`` and ``labels`` is ``[...]``; no temperature (this is the hard-label LM loss).
+    Computed in fp32.
+    """
+    vocab = student_logits.shape[-1]
+    per_token = F.cross_entropy(student_logits.float().reshape(-1, vocab), labels.reshape(-1),
+                                ignore_index=ignore_index, reduction="none")
+    return per_token.view(labels.shape)
+
+
+Divergence = Callable[..., Tensor]
+
+# The six divergences by recipe name (`loss.name`). jsd takes `beta`, the skew ones `alpha`; all take `temperature`.
+DIVERGENCES: dict[str, Divergence] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": jsd,
+    "tvd": tvd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+}

@@ -1,0 +1,117 @@
+"""Run logging on rank 0: TensorBoard scalars, one JSONL record per optimizer step, and a progress bar with ETA."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Optional
+
+
+class MetricsLogger:
+    """Writes `metrics.jsonl` and `tensorboard/` in the run directory. On ranks other than 0 every call is a no-op,
+    so the trainer logs unconditionally."""
+
+    def __init__(self, run_dir: str, *, enabled: bool, total_steps: int, start_step: int, progress_bar: bool, log_interval: int):
+        self.enabled = enabled
+        self.log_interval = log_interval
+        self._bar = None
+        self._pending: Optional[tuple[int, dict]] = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        if progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="kd", unit="step", dynamic_ncols=True, file=sys.stderr)
+        self._start_time = time.time()
+        self._start_step = start_step
+        self._total_steps = total_steps
+
+    def truncate_after(self, step: int) -> None:
+        """Drop JSONL records past `step`: after a resume they belong to a run that crashed before its next checkpoint,
+        and the resumed run writes them again (on a fresh start, step 0, everything goes)."""
+        path = self._jsonl.name
+        self._jsonl.close()
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    if step > 0 and json.loads(line)["step"] <= step:
+                        keep.append(line)
+                except (ValueError, KeyError):
+                    pass  # a line cut short by a crash
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
+
+    def log_step(self, step: int, scalars: dict[str, float]) -> None:
+        """One optimizer step: a JSONL record with every scalar, TensorBoard scalars under the same tags."""
+        if not self.enabled:
+            return
+        self._flush_pending(unless_step=step)
+        record = {"step": step, **{k: _plain(v) for k, v in scalars.items()}}
+        if self._pending is not None:  # eval of this very step joins its record
+            record.update(self._pending[1])
+            self._pending = None
+        self._jsonl.write(json.dumps(record) + "\n")
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, value, step)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
+        elif step % self.log_interval == 0:
+            self.print(f"step {step}/{self._total_steps} loss {scalars.get('loss', float('nan')):.4f} eta {self._eta(step)}")
+
+    def log_eval(self, step: int, scalars: dict[str, float]) -> None:
+        """Eval results go to TensorBoard now and into the JSONL record of the same step; an eval with no training
+        step of its own (the step-0 baseline) gets a record of its own."""
+        if not self.enabled:
+            return
+        self._flush_pending(unless_step=step)
+        self._pending = (step, {k: _plain(v) for k, v in scalars.items()})
+        for tag, value in scalars.items():
+            self._tb.add_scalar(tag, value, step)
+        self._tb.flush()
+        self.print(f"eval @ step {step}: " + ", ".join(f"{k.removeprefix('eval/')}={v:.4g}" for k, v in scalars.items()))
+
+    def _flush_pending(self, unless_step: Optional[int] = None) -> None:
+        if self._pending is not None and self._pending[0] != unless_step:
+            self._jsonl.write(json.dumps({"step": self._pending[0], **self._pending[1]}) + "\n")
+            self._pending = None
+
+    def print(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
+
+    def _eta(self, step: int) -> str:
+        done = step - self._start_step
+        if done <= 0:
+            return "?"
+        left = (time.time() - self._start_time) / done * (self._total_steps - step)
+        return time.strftime("%H:%M:%S", time.gmtime(left))
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._flush_pending()
+        if self._bar is not None:
+            self._bar.close()
+        self._tb.close()
+        self._jsonl.close()
+
+
+def _plain(value: Any) -> Optional[float]:
+    value = float(value)
+    return value if math.isfinite(value) else None
