@@ -78,7 +78,7 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: f
     Mean-seeking: the student is pushed to cover every token the teacher gives mass to.
     Gradient w.r.t. the student logits: (q - p) / T.
     """
-    log_p = _log_probs(teacher_logits, temperature)
+    log_p = _log_probs(teacher_logits.detach(), temperature)
     log_q = _log_probs(student_logits, temperature)
     return _kl_from_log_probs(log_p, log_q)
 
