@@ -42,15 +42,18 @@ def main(argv: list[str] | None = None) -> int:
             export(args.checkpoints, args.out_dir, tag=args.tag, dtype=args.dtype)
             return 0
     except UserError as e:
+        if e.file is None and e.key is not None and getattr(args, "recipe", None):
+            e.file = args.recipe
         print(f"kd: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 
 
 def validate(recipe_path: str, overrides: list[str]) -> int:
-    from kd.preflight import check_recipe
+    from kd.preflight import check_models, check_recipe
 
     recipe = check_recipe(recipe_path, overrides)
+    check_models(recipe)
     print(f"{recipe_path}: ok ({recipe.loss.name}, {recipe.train.max_steps or recipe.train.epochs} "
           f"{'steps' if recipe.train.max_steps else 'epochs'}, student ZeRO-{recipe.student.zero_stage}, "
           f"teacher ZeRO-{recipe.teacher.zero_stage})")
@@ -58,10 +61,11 @@ def validate(recipe_path: str, overrides: list[str]) -> int:
 
 
 def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_port: int | None) -> int:
-    from kd.preflight import check_recipe, prepare_assets
+    from kd.preflight import check_models, check_recipe, prepare_assets, prepare_data
 
     recipe = check_recipe(recipe_path, overrides)
     prepare_assets(recipe)
+    prepare_data(recipe, check_models(recipe))
     nproc = nproc or recipe.run.nproc
     port = master_port or _free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),

@@ -27,7 +27,8 @@ from kd.errors import UserError
 from kd.losses import build_loss
 from kd.losses import functional as F
 from kd.metrics import MetricsLogger
-from kd.models import load_student, load_teacher, load_tokenizer, max_positions, shared_vocab_size
+from kd.models import load_student, load_teacher
+from kd.preflight import check_compatible, load_recipe_tokenizer
 from kd.teachers import ModelTeacher
 
 
@@ -42,11 +43,7 @@ class Trainer:
         train, data = recipe.train, recipe.data
         torch.manual_seed(train.seed)  # same init on every rank
 
-        self.tokenizer = load_tokenizer(
-            resolve(recipe.tokenizer or recipe.teacher.path),
-            trust_remote_code=recipe.teacher.trust_remote_code,
-            gguf_file=None if recipe.tokenizer else recipe.teacher.gguf_file,
-        )
+        self.tokenizer = load_recipe_tokenizer(recipe)
         teacher_ds = teacher_config(recipe.teacher, micro_batch_size=train.micro_batch_size)
         teacher_model = load_teacher(recipe.teacher, zero3_config=teacher_ds, resolve_path=resolve)
         student_ds = student_config(train, recipe.student, world_size=self.world, extra=recipe.deepspeed)
@@ -54,13 +51,7 @@ class Trainer:
             recipe.student, teacher_cfg=recipe.teacher, seed=train.seed,
             zero3_config=student_ds if recipe.student.zero_stage == 3 else None, resolve_path=resolve,
         )
-        self.vocab_size = shared_vocab_size(self.tokenizer, teacher_model.config, student_model.config)
-        for role, model in (("teacher", teacher_model), ("student", student_model)):
-            limit = max_positions(model.config)
-            if limit is not None and data.seq_len > limit:
-                raise UserError(f"{data.seq_len} is larger than the {role}'s maximum of {limit} positions; lower it", key="data.seq_len")
-        if recipe.student.gradient_checkpointing:
-            student_model.gradient_checkpointing_enable()
+        self.vocab_size = check_compatible(self.tokenizer, teacher_model.config, student_model.config, data.seq_len)
 
         with dist.main_process_first():  # rank 0 tokenizes into the datasets cache, the others read it
             self.train_ds, self.eval_ds = build_datasets(data, self.tokenizer, seed=train.seed, resolve_path=resolve)

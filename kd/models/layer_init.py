@@ -138,7 +138,7 @@ def _teacher_key(student_key: str, prefix: str, layers: Sequence[int]) -> str:
     if not student_key.startswith(head):
         return student_key
     index, rest = student_key[len(head):].split(".", 1)
-    return f"{head}{int(index)}.{rest}"
+    return f"{head}{layers[int(index)]}.{rest}"
 
 
 def _student_tensors(model: nn.Module) -> Iterator[tuple[list[str], torch.Tensor]]:
