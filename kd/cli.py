@@ -30,7 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out_dir")
     p.add_argument("--tag", default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None)
-    args = parser.parse_args(argv)
+    # overrides may come before or after --flags (`kd train r.yaml --nproc 2 train.max_steps=6`)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "validate":
             return validate(args.recipe, args.overrides)

@@ -19,7 +19,7 @@ from kd import checkpoint
 from kd.assets import resolve
 from kd.config.loader import dump_recipe
 from kd.config.schema import Recipe
-from kd.data import GlobalSampler, build_datasets, collate
+from kd.data import GlobalSampler, build_datasets, collate, eval_batches, stats_of, take
 from kd.engine import dist
 from kd.engine.ds_config import student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
@@ -84,6 +84,10 @@ class Trainer:
             f"kd: {self.world} rank(s), {len(self.train_ds)} train samples of {self.recipe.data.seq_len} tokens, "
             f"global batch {self.global_batch}, steps {start} -> {self.total_steps}"
         )
+        for split, ds in (("train", self.train_ds), ("eval", self.eval_ds)):
+            stats = stats_of(ds) if ds is not None else None
+            if stats is not None:
+                self.metrics.print(f"kd: {split} data: {stats.summary()}")
         ev, ck = self.recipe.eval, self.recipe.checkpoint
         if ev.at_start and start == 0:
             self._evaluate()
@@ -110,7 +114,7 @@ class Trainer:
             micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
         )
         self.sample_index += self.global_batch
-        batches = [self._batch([self.train_ds[i] for i in mb]) for mb in ids]
+        batches = [self._batch(take(self.train_ds, mb)) for mb in ids]
         counts = torch.tensor(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
             dtype=torch.float64, device=self.device,
@@ -167,20 +171,15 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         """Held-out metrics over loss tokens of the whole eval split: student/teacher perplexity, KL(teacher||student)
         at temperature 1, top-1 agreement. Every rank runs the same number of forwards (a ZeRO-3 forward is a
-        collective), padding its share with weightless repeats of sample 0."""
+        collective); `eval_batches` pads a short share with a weightless sample."""
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return {}
-        mbs = self.recipe.train.micro_batch_size
-        n = len(self.eval_ds)
-        num_batches = math.ceil(n / (mbs * self.world))
-        if self.recipe.eval.max_batches is not None:
-            num_batches = min(num_batches, self.recipe.eval.max_batches)
         student = self.engine.module.student
         student.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
-        for b in range(num_batches):
-            ids = [(b * self.world + self.rank) * mbs + j for j in range(mbs)]
-            samples = [self.eval_ds[i] if i < n else _weightless(self.eval_ds[0]) for i in ids]
+        for samples in eval_batches(self.eval_ds, rank=self.rank, world_size=self.world,
+                                    micro_batch_size=self.recipe.train.micro_batch_size,
+                                    max_batches=self.recipe.eval.max_batches):
             batch = self._batch(samples)
             t_logits = shift(self.teacher(batch).logits, self.vocab_size).float()
             s_logits = shift(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits, self.vocab_size).float()
@@ -268,10 +267,6 @@ class Trainer:
     def _log(self, message: str) -> None:
         if dist.is_main():
             print(message, flush=True)
-
-
-def _weightless(sample: dict[str, Any]) -> dict[str, Any]:
-    return {**sample, "labels": [-100] * len(sample["labels"])}
 
 
 def _finish(sums: torch.Tensor) -> tuple[float, float, float, float, float]:

@@ -117,7 +117,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
     return out
 
 
-def _fields(rows: datasets.Dataset, cfg: DataConfig, split: str) -> dict[str, Optional[str]]:
+def sample_fields(rows: datasets.Dataset, cfg: DataConfig, split: str) -> dict[str, Optional[str]]:
     """Which sample form the data uses: the messages column if present, else the prompt/response pair."""
     if cfg.messages_field in rows.column_names:
         return {"messages": cfg.messages_field, "prompt": None, "response": None}
@@ -139,7 +139,7 @@ def build_chat(rows: datasets.Dataset, tokenizer: Any, cfg: DataConfig, *, split
     if not getattr(tokenizer, "is_fast", False):
         raise UserError("kind: chat needs a fast (Rust) tokenizer for character offsets; "
                         "save the tokenizer with tokenizer.json", key="tokenizer")
-    fields = _fields(rows, cfg, split)
+    fields = sample_fields(rows, cfg, split)
     built = rows.map(
         _tokenize_batch,
         with_indices=True,

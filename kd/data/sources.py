@@ -58,13 +58,20 @@ def _load_file(path: str, key: str) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as exc:  # datasets wraps parser errors (ArrowInvalid, JSON errors) in its own types
-        raise UserError(f"cannot read the file as {builder}: {_root_cause(exc)}", key=key, file=path) from exc
+        cause = _root_cause(exc)
+        if "corresponds to no data" in cause:  # how datasets reports a file without rows (e.g. blank lines)
+            raise UserError("no samples: the file holds no rows", key=key, file=path) from exc
+        raise UserError(f"cannot read the file as {builder}: {cause}", key=key, file=path) from exc
 
 
 def _load_directory(path: str, src: DatasetSource, key: str) -> datasets.Dataset:
     """Load a `save_to_disk` directory (taking `split` from a DatasetDict) or a folder of data files."""
     if os.path.exists(os.path.join(path, "dataset_dict.json")) or os.path.exists(os.path.join(path, "state.json")):
-        loaded = datasets.load_from_disk(path)
+        try:
+            loaded = datasets.load_from_disk(path)
+        except Exception as exc:  # e.g. a save of an empty dataset, which datasets writes but cannot read back
+            raise UserError(f"cannot load {path} (written by save_to_disk): {_root_cause(exc)}; "
+                            "check that it holds samples", key=key) from exc
         if isinstance(loaded, datasets.DatasetDict):
             if src.split not in loaded:
                 raise UserError(

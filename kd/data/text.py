@@ -36,16 +36,23 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
             raise UserError(f"sample {index}: {text_field!r} holds {type(text).__name__}, expected a string",
                             key="data.text_field")
     present = [i for i, text in enumerate(texts) if text]
-    encoded = tokenizer([texts[i] for i in present], add_special_tokens=False, verbose=False)["input_ids"]
     out: list[list[int]] = [[] for _ in texts]
+    if not present:  # tokenizers fail on an empty batch
+        return {"input_ids": out}
+    encoded = tokenizer([texts[i] for i in present], add_special_tokens=False, verbose=False)["input_ids"]
     for i, ids in zip(present, encoded):
         out[i] = ids + [eos_id]
     return {"input_ids": out}
 
 
+def check_columns(rows: datasets.Dataset, cfg: DataConfig, split: str) -> None:
+    """Raise `UserError` (naming the columns present) when `rows` lacks `cfg.text_field`."""
+    require_columns(rows, {"data.text_field": cfg.text_field}, what=split)
+
+
 def tokenize_documents(rows: datasets.Dataset, tokenizer: Any, cfg: DataConfig, *, split: str) -> datasets.Dataset:
     """Tokenize the `cfg.text_field` column of `rows` (cached by `datasets`); returns one `input_ids` row per document."""
-    require_columns(rows, {"data.text_field": cfg.text_field}, what=split)
+    check_columns(rows, cfg, split)
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise UserError("the tokenizer has no EOS token, which kind: text appends after every document; "
