@@ -24,7 +24,7 @@ from kd.engine import dist
 from kd.engine.ds_config import student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
 from kd.errors import UserError
-from kd.losses import build_loss
+from kd.losses import LossContext, build_loss
 from kd.losses import functional as F
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
@@ -60,7 +60,12 @@ class Trainer:
         self.sampler = GlobalSampler(len(self.train_ds), seed=train.seed, shuffle=data.shuffle)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-        self.loss = build_loss(recipe.loss)
+        self.loss = build_loss(recipe.loss, LossContext(
+            total_steps=self.total_steps,
+            student_hidden_size=student_model.config.hidden_size, teacher_hidden_size=teacher_model.config.hidden_size,
+            student_num_layers=student_model.config.num_hidden_layers,
+            teacher_num_layers=teacher_model.config.num_hidden_layers,
+        ))
         self.engine = build_engine(
             DistillationModule(student_model, self.loss, self.vocab_size), student_ds,
             warmup_steps=train.warmup_steps, total_steps=self.total_steps, min_lr_ratio=train.min_lr_ratio,

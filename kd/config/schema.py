@@ -86,13 +86,42 @@ class DataConfig(Section):
     num_proc: int = Field(1, ge=1, description="Processes for tokenization (datasets.map).")
 
 
+class TAIDConfig(Section):
+    t_start: float = Field(0.4, ge=0.0, le=1.0, description="Interpolation weight t of the teacher at step 0.")
+    t_end: float = Field(1.0, ge=0.0, le=1.0, description="Largest t (1.0 = the pure teacher distribution).")
+    alpha: float = Field(5e-4, ge=0.0, description="Step size of the adaptive update of t.")
+    beta: float = Field(0.99, ge=0.0, lt=1.0, description="Momentum of the relative loss change that drives the adaptive update.")
+    adaptive: bool = Field(True, description="false: t follows the linear schedule t_start -> t_end alone.")
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.t_start > self.t_end:
+            raise ValueError("t_start must not exceed t_end")
+        return self
+
+
+class TRGConfig(Section):
+    context_weight: float = Field(1.0, ge=0.0, description="a: weight of the contextual (intra-sequence similarity) loss.")
+    local_weight: float = Field(1.0, ge=0.0, description="b: weight of the local kNN-graph loss.")
+    global_weight: float = Field(1.0, ge=0.0, description="c: weight of the global contrastive (InfoNCE) loss.")
+    nodes_per_sequence: int = Field(16, ge=2, description="M: loss tokens sampled per sequence as graph nodes.")
+    k: int = Field(4, ge=1, description="Neighbours per node in the teacher's kNN graph.")
+    sigma: float = Field(1.0, gt=0.0, description="Bandwidth of the edge weights exp(-d^2 / (2 sigma)).")
+    tau_start: float = Field(0.1, gt=0.0, description="InfoNCE temperature at step 0.")
+    tau_end: float = Field(0.05, gt=0.0, description="InfoNCE temperature at the last step (annealed linearly).")
+    layers: Literal["final", "mapped"] = Field("final", description="final: final-norm hidden states; mapped: every student layer l with teacher layer round(l * L_t / L_s).")
+
+
 class LossConfig(Section):
-    name: str = Field("forward_kl", description="forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_reverse_kl | ce, or a dotted path `pkg.module.Class`.")
+    name: str = Field("forward_kl", description="forward_kl | reverse_kl | jsd | tvd | skew_kl | skew_reverse_kl | taid | ce, or a dotted path `pkg.module.Class`.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature applied to both student and teacher logits in the divergence.")
     ce_weight: float = Field(0.0, ge=0.0, le=1.0, description="w in (1 - w) * divergence + w * cross-entropy on the labels.")
     beta: float = Field(0.5, ge=0.0, le=1.0, description="jsd: mixture weight of the teacher in M = beta * p + (1 - beta) * q.")
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_kl / skew_reverse_kl: skew weight of the mixture (DistiLLM).")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to a custom (dotted-path) loss.")
+    kernel: Literal["auto", "triton", "torch"] = Field("auto", description="auto: fused Triton kernels on CUDA, the chunked PyTorch path elsewhere; triton / torch force one.")
+    taid: TAIDConfig = Field(default_factory=TAIDConfig, description="TAID schedule (used when name is taid).")
+    trg: Optional[TRGConfig] = Field(None, description="Add token-relationship-graph terms on hidden states on top of the logit loss (unset = off).")
 
 
 class TrainConfig(Section):

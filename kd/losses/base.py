@@ -32,6 +32,20 @@ class LossInputs:
     step: int = 0  # optimizer step, for losses with schedules
 
 
+@dataclass(frozen=True)
+class LossContext:
+    """Facts about the run a loss may need when it is built (sizes for a projector, the schedule length).
+
+    The trainer fills it from the loaded models and the data; tests can build one by hand.
+    """
+
+    total_steps: int = 1
+    student_hidden_size: int = 0
+    teacher_hidden_size: int = 0
+    student_num_layers: int = 0
+    teacher_num_layers: int = 0
+
+
 @dataclass
 class LossOutput:
     """Sums over the micro-batch's loss tokens; the trainer divides all of them by the same global token count."""

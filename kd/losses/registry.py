@@ -22,7 +22,7 @@ from typing import Callable
 
 from kd.config.schema import LossConfig
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, LossContext
 from kd.losses.divergence import CrossEntropyLoss, DivergenceLoss
 from kd.losses.functional import DIVERGENCES
 
@@ -71,23 +71,27 @@ def _import_class(path: str) -> type:
         raise UserError(f"module {module_name!r} has no attribute {attr!r} (loss {path!r})", key="loss.name") from None
 
 
-def _build_class_loss(path: str, cfg: LossConfig) -> DistillationLoss:
-    """Construct ``Class(cfg, **cfg.options)`` after checking it is a DistillationLoss and the options fit."""
+def _build_class_loss(path: str, cfg: LossConfig, context: LossContext) -> DistillationLoss:
+    """Construct ``Class(cfg, **cfg.options)`` after checking it is a DistillationLoss and the options fit.
+
+    A class whose constructor has a ``context`` keyword also receives the run's `LossContext`."""
     cls = _import_class(path)
     if not (isinstance(cls, type) and issubclass(cls, DistillationLoss)):
         raise UserError(f"{path!r} is not a subclass of kd.losses.DistillationLoss", key="loss.name")
+    extra = {"context": context} if "context" in inspect.signature(cls).parameters else {}
     try:
         # Bind first, so that only a mismatch between options and the signature is reported as a user error; a
         # TypeError raised inside the constructor is a bug in that class and keeps its traceback.
-        inspect.signature(cls).bind(cfg, **cfg.options)
+        inspect.signature(cls).bind(cfg, **cfg.options, **extra)
     except TypeError as exc:
         raise UserError(f"options do not fit {cls.__name__}{inspect.signature(cls)}: {exc}",
                         key="loss.options") from None
-    return cls(cfg, **cfg.options)
+    return cls(cfg, **cfg.options, **extra)
 
 
-def build_loss(cfg: LossConfig) -> DistillationLoss:
+def build_loss(cfg: LossConfig, context: LossContext | None = None) -> DistillationLoss:
     """The loss a recipe's ``loss`` section names (see the module docstring for the accepted names)."""
+    context = context or LossContext()
     name = cfg.name
     if name in SIMPLE_LOSSES:
         if cfg.options:
@@ -95,8 +99,8 @@ def build_loss(cfg: LossConfig) -> DistillationLoss:
                             "`loss.options` or use a loss class that accepts them", key="loss.options")
         return SIMPLE_LOSSES[name](cfg)
     if name in CLASS_LOSSES:
-        return _build_class_loss(CLASS_LOSSES[name], cfg)
+        return _build_class_loss(CLASS_LOSSES[name], cfg, context)
     if "." in name:
-        return _build_class_loss(name, cfg)
+        return _build_class_loss(name, cfg, context)
     raise UserError(f"unknown loss {name!r}; valid names: {', '.join(valid_names())}, or a dotted path "
                     "`pkg.module.ClassName` to a DistillationLoss subclass", key="loss.name")
