@@ -15,12 +15,14 @@ import os
 import random
 import re
 import shutil
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 from kd.engine import dist
+from kd.errors import UserError
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "kd_manifest.json"
@@ -31,37 +33,77 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a rank uses, as tensors and plain values (so it loads with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(Exception):
+    """Saving failed on some rank (disk full, permissions); the tag was removed and `latest` left untouched."""
+
+
 def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], write_meta: Callable[[str], None], keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
+    """Collective: every rank calls it. Returns the tag written.
+
+    Order matters for crash safety: shards (all ranks) -> barrier -> kd_meta -> manifest -> `latest`. A crash at
+    any point before the manifest leaves a tag that resume recognises as incomplete and skips; `latest` still names
+    the previous complete tag. A write error on any rank (e.g. disk full) is agreed on by all ranks, the partial tag
+    is removed and `CheckpointWriteError` raised everywhere, so no rank waits forever in a barrier.
+    """
     tag = tag_for(step)
     tag_dir = os.path.join(ckpt_dir, tag)
     if dist.is_main() and os.path.isdir(tag_dir):
         shutil.rmtree(tag_dir)  # an incomplete earlier attempt at the same step
     dist.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
-    dist.barrier()  # every rank's shards are on disk before the tag is declared complete
+    error = ""
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
+        # test hook: widen the window in which a crash leaves a partial checkpoint (tests/integration)
+        time.sleep(float(os.environ.get("KD_TEST_SAVE_DELAY", "0")))
+        if dist.is_main():
+            write_meta(os.path.join(tag_dir, "kd_meta"))
+    except OSError as e:
+        error = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    failed = dist.all_reduce_max(torch.tensor([1.0 if error else 0.0]))
+    if float(failed[0]) > 0:
+        if dist.is_main():
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        dist.barrier()
+        raise CheckpointWriteError(f"writing checkpoint {tag_dir} failed: {error or 'on another rank'}. It was removed; "
+                                   f"the newest complete checkpoint is still {read_latest(ckpt_dir) or 'none'}. "
+                                   "Free space (or fix permissions) and resume")
     if dist.is_main():
-        write_meta(os.path.join(tag_dir, "kd_meta"))
         _write_manifest(tag_dir)
         _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def read_latest(ckpt_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _write_manifest(tag_dir: str) -> None:
@@ -117,7 +159,8 @@ def _prune(ckpt_dir: str, keep_last: int) -> None:
 
 
 def find_latest(ckpt_dir: str, log: Callable[[str], None] = print) -> Optional[str]:
-    """The newest complete tag, preferring what `latest` names; says which tags were skipped and why."""
+    """The newest complete tag; says which newer tags were skipped and why. (`latest` always names a complete tag
+    when kd wrote it; scanning the tags also recovers when `latest` itself was lost.)"""
     if not os.path.isdir(ckpt_dir):
         return None
     tags = sorted((t for t in os.listdir(ckpt_dir) if TAG_RE.match(t)), reverse=True)
@@ -129,13 +172,18 @@ def find_latest(ckpt_dir: str, log: Callable[[str], None] = print) -> Optional[s
     return None
 
 
-def load(engine, ckpt_dir: str, tag: str) -> dict[str, Any]:
-    """Collective: restores module, optimizer, scheduler and this rank's RNG; returns the client state."""
+def load(engine, ckpt_dir: str, tag: str, *, rng_dir: str) -> dict[str, Any]:
+    """Collective: restores module, optimizer, scheduler and this rank's RNG; returns the client state.
+
+    `rng_dir` is the original tag directory (a universal copy of the tag has no per-rank files). A rank with no RNG
+    file of its own (the world grew) keeps its freshly seeded RNG.
+    """
+    from kd.engine.safe_load import safe_load
+
     path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-    rank_file = os.path.join(ckpt_dir, tag, f"kd_rank_{dist.rank():05d}.pt")
+        raise UserError(f"DeepSpeed found no loadable checkpoint at {os.path.join(ckpt_dir, tag)}", key="resume")
+    rank_file = os.path.join(rng_dir, f"kd_rank_{dist.rank():05d}.pt")
     if os.path.isfile(rank_file):
-        # numpy's RNG state is not loadable with weights_only=True; this file is written by kd next to the shards
-        set_rng_state(torch.load(rank_file, weights_only=False))
+        set_rng_state(safe_load(rank_file))
     return client_state

@@ -13,6 +13,8 @@ import sys
 from kd.config import load_recipe
 from kd.errors import EXIT_USER_ERROR, UserError
 
+EXIT_RUN_FAILED = 3
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="kd training process (one per rank)")
@@ -22,9 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        from kd.trainer import Trainer
+        from kd.checkpoint import CheckpointWriteError
+        from kd.trainer import Trainer, TrainingDiverged
 
-        Trainer(recipe).train()
+        try:
+            Trainer(recipe).train()
+        except (TrainingDiverged, CheckpointWriteError) as e:
+            # the run itself failed (not the input): one line, a distinct exit code, nothing half-written
+            if os.environ.get("RANK", "0") == "0":
+                print(f"kd: error: {e}", file=sys.stderr, flush=True)
+            return EXIT_RUN_FAILED
     except UserError as e:
         if e.file is None and e.key is not None:
             e.file = args.recipe

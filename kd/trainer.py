@@ -8,27 +8,31 @@ every loss token of the step, never a mean of means, however the batch is split 
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
 import torch
 
+import kd
 from kd import checkpoint
 from kd.assets import resolve
 from kd.config.loader import dump_recipe
 from kd.config.schema import Recipe
 from kd.data import GlobalSampler, build_datasets, collate, eval_batches, stats_of, take
 from kd.engine import dist
-from kd.engine.ds_config import student_config, teacher_config
+from kd.engine import safe_load
+from kd.engine.ds_config import merge, student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
-from kd.errors import UserError
 from kd.losses import LossContext, build_loss
 from kd.losses import functional as F
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
 from kd.preflight import check_compatible, load_recipe_tokenizer
+from kd.resume import META_FILE, plan_resume
 from kd.teachers import ModelTeacher
 
 
@@ -60,6 +64,11 @@ class Trainer:
         self.sampler = GlobalSampler(len(self.train_ds), seed=train.seed, shuffle=data.shuffle)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
+        # Decide what to resume from before building the engine: a checkpoint from another world size is loaded
+        # through DeepSpeed's universal format, which must be switched on in the engine's config.
+        self.plan = plan_resume(recipe, self.ckpt_dir, world_size=self.world, log=self._log)
+        if self.plan is not None and self.plan.universal:
+            student_ds = merge(student_ds, {"checkpoint": {"load_universal": True}})
         self.loss = build_loss(recipe.loss, LossContext(
             total_steps=self.total_steps,
             student_hidden_size=student_model.config.hidden_size, teacher_hidden_size=teacher_model.config.hidden_size,
@@ -70,10 +79,18 @@ class Trainer:
             DistillationModule(student_model, self.loss, self.vocab_size), student_ds,
             warmup_steps=train.warmup_steps, total_steps=self.total_steps, min_lr_ratio=train.min_lr_ratio,
         )
+        safe_load.install(self.engine)
+        if hasattr(self.engine.optimizer, "check_grad_overflow"):
+            # ZeRO-1/2 only check fp16/bf16 gradients by default; checking fp32 too makes DeepSpeed skip (not apply)
+            # a step whose gradient norm is NaN/inf. ZeRO-3 always checks.
+            self.engine.optimizer.check_grad_overflow = True
         self.teacher = ModelTeacher(teacher_model, teacher_ds, self.device)
         torch.manual_seed(train.seed + 1000 * self.rank)  # dropout etc. differ per rank from here on
         self.step = 0
         self.sample_index = 0  # global sample index: position of the next training sample in the global order
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.stop_requested = False  # set by SIGTERM/SIGINT (preemption); acted on at the end of the step
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> None:
@@ -97,9 +114,16 @@ class Trainer:
         if ev.at_start and start == 0:
             self._evaluate()
         last_saved = start
+        self._install_signal_handlers()
         while self.step < self.total_steps:
             scalars = self._train_step()
             self.step += 1
+            if self._preempted():
+                self.metrics.log_step(self.step, scalars)
+                self.metrics.print(f"kd: stop requested (SIGTERM/SIGINT): saving at step {self.step} and exiting")
+                self._save()
+                self.metrics.close()
+                return
             if (ev.interval and self.step % ev.interval == 0) or self.step == self.total_steps:
                 self._evaluate()
             self.metrics.log_step(self.step, scalars)
@@ -119,7 +143,13 @@ class Trainer:
             micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum,
         )
         self.sample_index += self.global_batch
-        batches = [self._batch(take(self.train_ds, mb)) for mb in ids]
+        if self.recipe.run.record_sample_ids:
+            self._record_sample_ids(ids)
+        return self.step_on([self._batch(take(self.train_ds, mb)) for mb in ids], t_step)
+
+    def step_on(self, batches: list[dict[str, torch.Tensor]], t_step: Optional[float] = None) -> dict[str, float]:
+        """One optimizer step on this rank's micro-batches (tools/bench_step.py times exactly this)."""
+        t_step = time.perf_counter() if t_step is None else t_step
         counts = torch.tensor(
             [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)],
             dtype=torch.float64, device=self.device,
@@ -130,9 +160,10 @@ class Trainer:
         sums: Optional[torch.Tensor] = None
         names: list[str] = []
         t_teacher = t_student = t_optim = 0.0
-        for batch in batches:
+        finite = True
+        for i, batch in enumerate(batches):
             t0 = time.perf_counter()
-            teacher_out = self.teacher(batch, hidden_states=self.loss.needs_hidden_states) if self.loss.needs_teacher else None
+            teacher_out = self.teacher(batch, hidden_states=self.loss.needs_hidden_states, layers=self.loss.teacher_hidden_layers) if self.loss.needs_teacher else None
             dist.synchronize()
             t1 = time.perf_counter()
             out = self.engine(
@@ -143,13 +174,19 @@ class Trainer:
             self.engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             dist.synchronize()
             t2 = time.perf_counter()
-            self.engine.step()  # DeepSpeed only updates at the accumulation boundary
-            dist.synchronize()
-            t_teacher, t_student, t_optim = t_teacher + t1 - t0, t_student + t2 - t1, t_optim + time.perf_counter() - t2
             names = list(out.terms)
             part = torch.stack([out.loss_sum.detach().float()] + [out.terms[k].detach().float() for k in names])
             sums = part if sums is None else sums + part
-        totals = (dist.all_reduce_sum(sums.to(torch.float64)) / max(loss_tokens, 1.0)).tolist()
+            if i == len(batches) - 1:
+                # The step's global loss is known before the optimizer runs (one all-reduce of a few scalars).
+                totals_t = dist.all_reduce_sum(sums.to(torch.float64)) / max(loss_tokens, 1.0)
+                finite = bool(torch.isfinite(totals_t).all())
+                if not finite:
+                    self._drop_gradients_without_zero()
+            self.engine.step()  # DeepSpeed only updates at the accumulation boundary
+            dist.synchronize()
+            t_teacher, t_student, t_optim = t_teacher + t1 - t0, t_student + t2 - t1, t_optim + time.perf_counter() - t2
+        totals = totals_t.tolist()
 
         step_time = time.perf_counter() - t_step
         scalars = {"loss": totals[0], **{f"train/{k}": v for k, v in zip(names, totals[1:])}}
@@ -165,8 +202,33 @@ class Trainer:
             "perf/optimizer_s": t_optim,
             "train/loss_tokens": loss_tokens,
         })
-        scalars.update(self.loss.on_step_end(self.step + 1, dict(scalars)))
+        # ZeRO skips a step whose gradient norm is NaN/inf (was_step_applied); kd also skips one whose loss is.
+        if finite and self.engine.was_step_applied():
+            self.nonfinite_in_a_row = 0
+            scalars.update(self.loss.on_step_end(self.step + 1, dict(scalars)))  # never fed a non-finite loss
+        else:
+            self._count_nonfinite(scalars)
+        scalars["train/skipped_steps"] = self.nonfinite_total
         return scalars
+
+    def _drop_gradients_without_zero(self) -> None:
+        """Without ZeRO, DeepSpeed applies whatever gradient there is; parameters without .grad are left alone by
+        torch's AdamW, so dropping the gradients turns the coming update into a no-op."""
+        if self.engine.zero_optimization_stage() == 0:
+            for p in self.engine.module.parameters():
+                p.grad = None
+
+    def _count_nonfinite(self, scalars: dict[str, float]) -> None:
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.recipe.train.max_nonfinite_steps
+        self._log(f"kd: warning: step {self.step + 1} has a non-finite loss ({scalars['loss']}) or gradient norm "
+                  f"({scalars.get('grad_norm')}); the update was skipped ({self.nonfinite_in_a_row} in a row, limit {limit})")
+        if self.nonfinite_in_a_row >= limit:
+            raise TrainingDiverged(
+                f"{limit} consecutive steps had a non-finite loss or gradient norm (last: step {self.step + 1}); "
+                "stopping without saving. Lower train.lr, check the data, or resume from the last checkpoint "
+                f"({checkpoint.read_latest(self.ckpt_dir) or 'none written'})")
 
     def _batch(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(samples, self.pad_id).items()}
@@ -218,6 +280,7 @@ class Trainer:
             "world_size": self.world,
             "recipe": dump_recipe(self.recipe),
             "loss_state": {k: v for k, v in self.loss.state_dict().items() if k.endswith("_extra_state")},
+            "skipped_steps": self.nonfinite_total,
         }
         tag = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, client_state=client_state,
                               write_meta=self._write_meta, keep_last=self.recipe.checkpoint.keep_last)
@@ -229,28 +292,65 @@ class Trainer:
         self.tokenizer.save_pretrained(meta_dir)
         with open(os.path.join(meta_dir, "recipe.yaml"), "w") as f:
             f.write(dump_recipe(self.recipe))
+        # human-readable facts about the checkpoint; resume reads them before building the engine
+        meta = {"step": self.step, "global_sample_index": self.sample_index, "world_size": self.world,
+                "student_zero_stage": self.recipe.student.zero_stage, "kd_version": kd.__version__,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": dump_recipe(self.recipe)}
+        with open(os.path.join(meta_dir, META_FILE), "w") as f:
+            json.dump(meta, f, indent=1)
 
     def _resume(self) -> int:
-        choice = self.recipe.resume
-        if choice == "never":
+        """Restore the planned checkpoint (see kd.resume): weights, optimizer, scheduler, RNG, loss state, and the
+        sampler position as a global sample index, so the data order continues without replaying batches."""
+        plan = self.plan
+        if plan is None:
+            self._truncate_sample_ids(0)
             return 0
-        if choice == "auto":
-            ckpt_dir, tag = self.ckpt_dir, checkpoint.find_latest(self.ckpt_dir, log=self._log)
-            if tag is None:
-                return 0
-        else:
-            path = os.path.abspath(choice)
-            ckpt_dir, tag = os.path.dirname(path), os.path.basename(path)
-            ok, why = checkpoint.is_complete(path)
-            if not ok:
-                raise UserError(f"checkpoint {path} cannot be resumed: {why}", key="resume")
-        state = checkpoint.load(self.engine, ckpt_dir, tag)
+        state = checkpoint.load(self.engine, plan.ckpt_dir, plan.tag, rng_dir=plan.source_dir)
         self.step = int(state["step"])
         self.sample_index = int(state["global_sample_index"])
+        self.nonfinite_total = int(state.get("skipped_steps", 0))
         if state.get("loss_state"):
             self.loss.load_state_dict(state["loss_state"], strict=False)
-        self._log(f"kd: resumed from {os.path.join(ckpt_dir, tag)} at step {self.step}")
+        self._truncate_sample_ids(self.step)
+        self._log(f"kd: resumed from {plan.source_dir} at step {self.step} (global sample index {self.sample_index})")
         return self.step
+
+    # ------------------------------------------------------------------ preemption and audit
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM (slurm preemption, the deepspeed launcher passing on a kill) and SIGINT (Ctrl-C) only set a flag:
+        the current step finishes, every rank agrees at the step end, a checkpoint is saved and the ranks exit 0."""
+        def request_stop(signum, frame):
+            self.stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+        signal.signal(signal.SIGINT, request_stop)
+
+    def _preempted(self) -> bool:
+        # A signal may reach only some ranks; one all-reduce of a flag per step makes the decision collective.
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        return float(dist.all_reduce_max(flag)[0]) > 0
+
+    def _sample_ids_path(self, rank: int) -> str:
+        return os.path.join(self.run_dir, "sample_ids", f"rank_{rank:05d}.jsonl")
+
+    def _record_sample_ids(self, ids: list[list[int]]) -> None:
+        path = self._sample_ids_path(self.rank)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "world_size": self.world, "ids": ids}) + "\n")
+
+    def _truncate_sample_ids(self, step: int) -> None:
+        """Drop audit records past the resumed step (every rank file, also of ranks that no longer exist)."""
+        folder = os.path.join(self.run_dir, "sample_ids")
+        if self.recipe.run.record_sample_ids and dist.is_main() and os.path.isdir(folder):
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                with open(path) as f:
+                    keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+                with open(path, "w") as f:
+                    f.writelines(keep)
+        dist.barrier()
 
     def _write_run_recipe(self) -> None:
         if dist.is_main():
@@ -272,6 +372,10 @@ class Trainer:
     def _log(self, message: str) -> None:
         if dist.is_main():
             print(message, flush=True)
+
+
+class TrainingDiverged(Exception):
+    """Too many consecutive non-finite steps; the run stops without writing a checkpoint."""
 
 
 def _finish(sums: torch.Tensor) -> tuple[float, float, float, float, float]:

@@ -22,6 +22,7 @@ class RunConfig(Section):
     nproc: int = Field(1, ge=1, description="Processes per node that `kd train` launches when --nproc is not given.")
     log_interval: int = Field(1, ge=1, description="Print a progress line every N optimizer steps (JSONL/TensorBoard get every step).")
     progress_bar: bool = Field(True, description="Show a progress bar with ETA on rank 0.")
+    record_sample_ids: bool = Field(False, description="Write the training sample ids each rank consumed per step to sample_ids/rank_R.jsonl (audits data order across resumes).")
 
 
 class ModelSource(Section):
@@ -136,6 +137,7 @@ class TrainConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this value (0 = off).")
     seed: int = Field(0, description="Seed for model init, data order and dropout.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many consecutive steps with a NaN/inf loss or gradient norm (each is skipped).")
 
     @model_validator(mode="after")
     def _has_length(self):
@@ -154,6 +156,7 @@ class CheckpointConfig(Section):
     interval: int = Field(0, ge=0, description="Save a checkpoint every N steps (0 = only at the end).")
     keep_last: int = Field(2, ge=1, description="Keep the newest K checkpoints, delete older ones.")
     at_end: bool = Field(True, description="Save a checkpoint when training ends.")
+    allow_recipe_change: bool = Field(False, description="Resume even though teacher, student, tokenizer, data or loss differ from the checkpoint's recipe.")
 
 
 class Recipe(Section):

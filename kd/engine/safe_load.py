@@ -1,0 +1,59 @@
+"""Loading checkpoint files without running pickled code.
+
+DeepSpeed saves with torch.save (pickle) and loads with weights_only=False, which would execute whatever a tampered
+checkpoint contains. kd loads with weights_only=True and allows, besides tensors and plain containers, only the few
+DeepSpeed state classes its checkpoints really hold (found by inspecting files, not by trusting them). A file naming
+any other global is refused with a message that says which.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+from torch import serialization
+
+from kd.errors import UserError
+
+# DeepSpeed's own plain-data classes that appear in its checkpoints (enum of ZeRO stages, static loss scaler state).
+ALLOWED_PREFIXES = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.",
+    "numpy.",  # older checkpoints keep numpy RNG state arrays; array reconstruction runs no user code
+)
+
+
+def _allowed_globals(path: str) -> list[Any]:
+    found = []
+    for name in serialization.get_unsafe_globals_in_checkpoint(path):
+        if not name.startswith(ALLOWED_PREFIXES):
+            raise UserError(f"checkpoint file {path} contains a pickled {name}; kd loads checkpoints with "
+                            "weights_only and refuses arbitrary objects. Only resume from checkpoints you wrote")
+        module, _, attr = name.rpartition(".")
+        found.append(getattr(importlib.import_module(module), attr))
+    if any(name.startswith("numpy") for name in map(lambda g: getattr(g, "__module__", ""), found)):
+        import numpy
+
+        # unpickling a dtype instantiates its concrete class, which the scan above does not list
+        found += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    return found
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    try:
+        allowed = _allowed_globals(path)
+        with serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except UserError:
+        raise
+    except Exception as e:  # truncated or corrupt file: the user's checkpoint, not a kd bug
+        raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                        key="resume") from None
+
+
+def install(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoints through `safe_load`."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.load = lambda path, map_location=None: safe_load(path, map_location)

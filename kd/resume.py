@@ -1,0 +1,135 @@
+"""Deciding what to resume from, before the engine is built.
+
+`plan_resume` finds the checkpoint (`resume: auto | never | PATH`), refuses one written for a different model,
+tokenizer, loss or data, and notices a changed world size: DeepSpeed's ZeRO shards are laid out per rank, so a
+checkpoint from N ranks is first converted (once, by rank 0) to DeepSpeed's universal format, which any number of
+ranks can load. The sampler position is a global sample index, so the data order continues exactly either way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import yaml
+
+from kd import checkpoint
+from kd.config.schema import Recipe
+from kd.engine import dist
+from kd.errors import UserError
+
+# Recipe sections whose change makes a checkpoint the wrong one to continue from. Everything else (run, train
+# schedule and batch shape, eval, checkpoint, resume, deepspeed tuning) may change between a run and its resumption.
+IDENTITY_KEYS = ("teacher", "student", "tokenizer", "data", "loss")
+META_FILE = "kd_checkpoint.json"
+
+
+@dataclass
+class ResumePlan:
+    ckpt_dir: str  # directory holding the tag DeepSpeed loads (the universal copy when converting)
+    tag: str
+    source_dir: str  # the original tag directory (per-rank RNG files, manifest)
+    meta: dict[str, Any]
+    universal: bool  # load with DeepSpeed's load_universal (world size changed)
+
+
+def read_meta(tag_dir: str) -> dict[str, Any]:
+    path = os.path.join(tag_dir, "kd_meta", META_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"checkpoint {tag_dir} has no readable {os.path.join('kd_meta', META_FILE)} ({e}); "
+                        "it was not written by kd or is damaged", key="resume") from None
+
+
+def find_checkpoint(recipe: Recipe, run_ckpt_dir: str, log: Callable[[str], None]) -> Optional[tuple[str, str]]:
+    """(checkpoints dir, tag) to resume from, or None to start fresh."""
+    choice = recipe.resume
+    if choice == "never":
+        return None
+    if choice == "auto":
+        tag = checkpoint.find_latest(run_ckpt_dir, log=log)
+        return (run_ckpt_dir, tag) if tag else None
+    path = os.path.abspath(os.path.expanduser(choice))
+    if not os.path.isdir(path):
+        raise UserError(f"{path} does not exist", key="resume")
+    if checkpoint.TAG_RE.match(os.path.basename(path)):
+        ok, why = checkpoint.is_complete(path)
+        if not ok:
+            raise UserError(f"checkpoint {path} cannot be resumed: {why}", key="resume")
+        return os.path.dirname(path), os.path.basename(path)
+    tag = checkpoint.find_latest(path, log=log)
+    if tag is None:
+        raise UserError(f"{path} holds no complete checkpoint (no step_* directory with a manifest); point resume at "
+                        "a run's checkpoints/ directory or one of its step_* tags", key="resume")
+    return path, tag
+
+
+def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys under IDENTITY_KEYS whose values differ between two resolved recipes."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{key}.{k}")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
+
+    for key in IDENTITY_KEYS:
+        walk(saved.get(key), current.get(key), key)
+    return out
+
+
+def plan_resume(recipe: Recipe, run_ckpt_dir: str, *, world_size: int, log: Callable[[str], None]) -> Optional[ResumePlan]:
+    found = find_checkpoint(recipe, run_ckpt_dir, log)
+    if found is None:
+        return None
+    ckpt_dir, tag = found
+    tag_dir = os.path.join(ckpt_dir, tag)
+    meta = read_meta(tag_dir)
+    diffs = recipe_differences(yaml.safe_load(meta["recipe"]), recipe.model_dump(mode="json"))
+    if diffs and not recipe.checkpoint.allow_recipe_change:
+        shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
+        raise UserError(f"checkpoint {tag_dir} was written for a different recipe ({shown}). Resume with the "
+                        "original recipe, start a new run (another run.output_dir or resume: never), or set "
+                        "checkpoint.allow_recipe_change: true to continue anyway", key="resume")
+    if diffs:
+        log(f"kd: resuming despite recipe changes (checkpoint.allow_recipe_change): {'; '.join(diffs)}")
+    if meta["world_size"] == world_size:
+        return ResumePlan(ckpt_dir, tag, tag_dir, meta, universal=False)
+    log(f"kd: checkpoint {tag} was written by {meta['world_size']} rank(s), resuming on {world_size}: "
+        "loading it through DeepSpeed's universal checkpoint format")
+    universal_dir = os.path.join(ckpt_dir, "universal")
+    if dist.is_main():
+        to_universal(tag_dir, os.path.join(universal_dir, tag))
+    dist.barrier()
+    return ResumePlan(universal_dir, tag, tag_dir, meta, universal=True)
+
+
+def to_universal(tag_dir: str, out_dir: str) -> None:
+    """Convert one tag with DeepSpeed's own ds_to_universal (once; the result is kept next to the checkpoints)."""
+    done = os.path.join(out_dir, ".kd_complete")
+    if os.path.isfile(done):
+        return
+    tmp = out_dir + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
+           "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"converting {tag_dir} to a universal checkpoint failed: {tail[0]}", key="resume")
+    # kd's own per-tag files travel along so the converted tag is complete on its own
+    shutil.copytree(os.path.join(tag_dir, "kd_meta"), os.path.join(tmp, "kd_meta"))
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    open(done, "w").close()
