@@ -15,10 +15,12 @@ from torch import serialization
 
 from kd.errors import UserError
 
-# DeepSpeed's own plain-data classes that appear in its checkpoints (enum of ZeRO stages, static loss scaler state).
+# DeepSpeed's own plain-data classes that appear in its checkpoints (enum of ZeRO stages, loss scaler state, the
+# (start, numel) record of a ZeRO parameter fragment).
 ALLOWED_PREFIXES = (
     "deepspeed.runtime.zero.config.ZeroStageEnum",
     "deepspeed.runtime.fp16.loss_scaler.",
+    "deepspeed.utils.tensor_fragment.fragment_address",
     "numpy.",  # older checkpoints keep numpy RNG state arrays; array reconstruction runs no user code
 )
 
