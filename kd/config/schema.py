@@ -102,12 +102,12 @@ class TAIDConfig(Section):
 
 
 class TRGConfig(Section):
-    context_weight: float = Field(1.0, ge=0.0, description="a: weight of the contextual (intra-sequence similarity) loss.")
+    context_weight: float = Field(20.0, ge=0.0, description="a: weight of the contextual (intra-sequence similarity) loss; its MSE between M x M softmax rows is small (~0.03 at M = 16), so a ~ 20 gives it a gradient like the other terms'.")
     local_weight: float = Field(1.0, ge=0.0, description="b: weight of the local kNN-graph loss.")
     global_weight: float = Field(1.0, ge=0.0, description="c: weight of the global contrastive (InfoNCE) loss.")
     nodes_per_sequence: int = Field(16, ge=2, description="M: loss tokens sampled per sequence as graph nodes.")
     k: int = Field(4, ge=1, description="Neighbours per node in the teacher's kNN graph.")
-    sigma: float = Field(1.0, gt=0.0, description="Bandwidth of the edge weights exp(-d^2 / (2 sigma)).")
+    sigma: float = Field(0.1, gt=0.0, description="Bandwidth of the edge weights exp(-d^2 / (2 sigma)) between unit-norm features (d^2 in [0, 4]): the temperature of each node's neighbour distribution.")
     tau_start: float = Field(0.1, gt=0.0, description="InfoNCE temperature at step 0.")
     tau_end: float = Field(0.05, gt=0.0, description="InfoNCE temperature at the last step (annealed linearly).")
     layers: Literal["final", "mapped"] = Field("final", description="final: final-norm hidden states; mapped: every student layer l with teacher layer round(l * L_t / L_s).")

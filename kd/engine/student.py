@@ -39,13 +39,16 @@ class DistillationModule(torch.nn.Module):
         teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None,
         step: int = 0,
     ) -> LossOutput:
+        want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         out = self.student(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            output_hidden_states=self.loss.needs_hidden_states,
+            output_hidden_states=list(layers) if want and layers is not None else want,
             use_cache=False,
         )
-        hidden = tuple(shift(h) for h in out.hidden_states) if self.loss.needs_hidden_states else None
+        hidden = None
+        if want:  # only the entries the loss names, in its order (see DistillationLoss.student_hidden_layers)
+            hidden = tuple(shift(out.hidden_states[i]) for i in layers) if layers is not None else tuple(shift(h) for h in out.hidden_states)
         t_hidden = tuple(shift(h) for h in teacher_hidden) if teacher_hidden is not None else None
         return self.loss(
             LossInputs(

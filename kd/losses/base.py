@@ -27,7 +27,8 @@ class LossInputs:
     student_logits: Tensor  # [B, L, V], requires grad
     teacher_logits: Optional[Tensor]  # [B, L, V], no grad; None when the loss sets needs_teacher = False
     labels: Tensor  # [B, L] next-token ids, IGNORE_INDEX (-100) where no loss
-    student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states
+    student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states: [B, L, H] each,
+    # all layers (embeddings first) or those the loss names in student_hidden_layers / teacher_hidden_layers
     teacher_hidden: Optional[tuple[Tensor, ...]] = None
     step: int = 0  # optimizer step, for losses with schedules
 
@@ -84,6 +85,11 @@ class DistillationLoss(torch.nn.Module):
 
     needs_teacher: bool = True  # False: the trainer skips the teacher forward (plain fine-tuning)
     needs_hidden_states: bool = False  # True: the trainer fills LossInputs.student_hidden / teacher_hidden
+    # With needs_hidden_states: the entries of HF's `hidden_states` the loss reads (0 = embeddings, i = after layer i,
+    # the last = after the final norm; negative counts from the end), in the order it wants them in LossInputs.
+    # None = all of them. The teacher captures only these (transformers keeps just the selected layers' outputs).
+    student_hidden_layers: Optional[tuple[int, ...]] = None
+    teacher_hidden_layers: Optional[tuple[int, ...]] = None
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         """Return the micro-batch's loss sum, loss-token count and per-term sums (see `LossOutput`)."""

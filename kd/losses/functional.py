@@ -165,6 +165,47 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, *, ignore_index: int =
     return per_token.view(labels.shape)
 
 
+def _taid_log_target(student_logits: Tensor, teacher_logits: Tensor, t: float, temperature: float) -> Tensor:
+    """fp32 ``log p_t`` of TAID's target (see `taid_target`), computed with ``log_softmax`` of the mixed logits."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"taid: t must be in [0, 1], got {t}")
+    z_s = student_logits.detach().float() / temperature
+    z_t = teacher_logits.detach().float() / temperature
+    # The pure ends are returned as they are: 0 * (-inf) would be NaN where the teacher masks a vocabulary entry.
+    if t <= 0.0:
+        mixed = z_s
+    elif t >= 1.0:
+        mixed = z_t
+    else:
+        mixed = (1.0 - t) * z_s + t * z_t
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def taid_target(student_logits: Tensor, teacher_logits: Tensor, t: float, *, temperature: float = 1.0) -> Tensor:
+    """TAID's intermediate target (Shing et al., ICLR 2025): an interpolation *in logit space*, in fp32,
+
+        p_t = softmax((1 - t) * stopgrad(z_s / T) + t * z_t / T)        z_s, z_t: student, teacher logits
+
+    t = 0 is the student's own (detached) distribution, t = 1 the teacher's. The temperature divides both logits
+    before they are mixed (the same as dividing the mix, since the mix is linear). Both inputs are detached: the
+    target never carries a gradient. ``t`` is a Python float (the loss keeps it on the host, so reading it costs no
+    device sync). Returns probabilities of shape ``[..., V]``.
+    """
+    return _taid_log_target(student_logits, teacher_logits, t, temperature).exp()
+
+
+def taid_kl(student_logits: Tensor, teacher_logits: Tensor, t: float, *, temperature: float = 1.0) -> Tensor:
+    """TAID's per-token loss KL(p_t || q) = sum_v p_t,v (log p_t,v - log q_v), p_t = `taid_target`, q = softmax(z_s/T).
+
+    p_t is a constant for autograd, so the gradient w.r.t. the student logits is (q - p_t) / T: the same as the
+    cross-entropy -sum_v p_t,v log q_v, whose value differs by the entropy of p_t. The KL is used because it is 0 when
+    the student matches the target, which makes the relative loss change that drives TAID's schedule meaningful.
+    At t = 0 the value is exactly 0 (and the gradient 0 up to rounding).
+    """
+    log_target = _taid_log_target(student_logits, teacher_logits, t, temperature)
+    return _kl_from_log_probs(log_target, _log_probs(student_logits, temperature))
+
+
 Divergence = Callable[..., Tensor]
 
 # The six divergences by recipe name (`loss.name`). jsd takes `beta`, the skew ones `alpha`; all take `temperature`.

@@ -46,7 +46,9 @@ SIMPLE_LOSSES: dict[str, Callable[[LossConfig], DistillationLoss]] = {
 
 # Built-in short names for class losses, which take ``loss.options``: name -> dotted path, imported only when used
 # (so a heavy method costs nothing to runs that do not pick it). Methods living in kd.losses register here.
-CLASS_LOSSES: dict[str, str] = {}
+CLASS_LOSSES: dict[str, str] = {
+    "taid": "kd.losses.taid.TAIDLoss",
+}
 
 
 def valid_names() -> list[str]:
@@ -90,8 +92,18 @@ def _build_class_loss(path: str, cfg: LossConfig, context: LossContext) -> Disti
 
 
 def build_loss(cfg: LossConfig, context: LossContext | None = None) -> DistillationLoss:
-    """The loss a recipe's ``loss`` section names (see the module docstring for the accepted names)."""
+    """The loss a recipe's ``loss`` section names (see the module docstring for the accepted names), with the TRG
+    terms added on top when the section has ``trg`` (`kd.losses.trg.TRGLoss` wraps the logit loss)."""
     context = context or LossContext()
+    loss = _build_logit_loss(cfg, context)
+    if cfg.trg is not None:
+        from kd.losses.trg import TRGLoss  # imported only by runs that use it
+
+        loss = TRGLoss(loss, cfg.trg, context=context)
+    return loss
+
+
+def _build_logit_loss(cfg: LossConfig, context: LossContext) -> DistillationLoss:
     name = cfg.name
     if name in SIMPLE_LOSSES:
         if cfg.options:

@@ -1,7 +1,7 @@
 """One frozen Hugging Face model as the teacher: an inference-only DeepSpeed ZeRO-3 engine or a plain replica."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -32,12 +32,22 @@ class ModelTeacher:
         return self._vocab_size
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, torch.Tensor], *, hidden_states: bool = False) -> TeacherOutput:
+    def __call__(self, batch: dict[str, torch.Tensor], *, hidden_states: bool = False,
+                 layers: Optional[Sequence[int]] = None) -> TeacherOutput:
+        """Teacher logits, plus its hidden states when asked: all of them, or only the entries ``layers`` names (in
+        that order). transformers >= 5 takes the index list in ``output_hidden_states`` and keeps only those layers'
+        outputs, so a loss reading one layer of a 32-layer teacher never holds the other 32 [B, L, H] tensors."""
         forward = self.engine if self.engine is not None else self.module
+        select = hidden_states and layers is not None
         out = forward(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
-            output_hidden_states=hidden_states,
+            output_hidden_states=list(layers) if select else hidden_states,
             use_cache=False,
         )
-        return TeacherOutput(logits=out.logits, hidden_states=out.hidden_states if hidden_states else None)
+        if not hidden_states:
+            return TeacherOutput(logits=out.logits)
+        # With a selection the tuple still has one slot per layer (None where not kept); models without output
+        # capturing return them all. Indexing serves both.
+        hidden = tuple(out.hidden_states[i] for i in layers) if select else out.hidden_states
+        return TeacherOutput(logits=out.logits, hidden_states=hidden)

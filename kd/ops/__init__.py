@@ -1,0 +1,105 @@
+"""Fused KL kernels: the divergence losses over a large vocabulary, lean in memory, in Triton on CUDA.
+
+Two families, each with a Triton implementation (imported only when used) and the chunked eager path of
+`kd.losses.chunked` (CPU, or ``backend="torch"``); both are tested against the eager divergences of
+`kd.losses.functional`:
+
+    dense_divergence(student_logits, teacher_logits, mask, divergence=...)                -> per-row loss [N]
+    fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_...)   -> FusedLossOutput
+
+``divergence`` is a name of `kd.losses.functional.DIVERGENCES`; ``taid_t`` (float or 0-dim tensor) replaces the
+teacher distribution by TAID's target softmax((1 - t) * stopgrad(z_s / T) + t * z_t / T) (`functional.taid_target`);
+with forward_kl the loss is TAID's KL(p_t || q). ``backend``: "triton", "torch", or "auto" (Triton when the tensors
+are on CUDA and triton imports, the torch path otherwise).
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+from torch import Tensor
+
+from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, chunked_dense_divergence
+
+__all__ = ["FusedLossOutput", "dense_divergence", "fused_linear_divergence", "resolve_backend", "triton_available"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    """True when the triton package is installed (it is not imported here)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, tensor: Tensor) -> str:
+    """"triton" or "torch" for a request and the device of ``tensor`` (auto: Triton on CUDA when installed)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton)")
+    return backend
+
+
+def dense_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, *, divergence: str,
+                     temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1, taid_t: Optional[Scalar] = None,
+                     backend: str = "auto", vocab_size: Optional[int] = None,
+                     chunk_size: Optional[int] = None) -> Tensor:
+    """Per-row divergence between materialized logits.
+
+    Args:
+        student_logits: ``[N, V]`` (or ``[..., V]``), any float dtype, with grad.
+        teacher_logits: same shape, no grad (detached here).
+        mask: ``[N]`` bool; False rows give 0 and a zero gradient.
+        divergence, temperature, beta, alpha, taid_t: the loss (module docstring); no T^2 factor.
+        vocab_size: use only the first ``vocab_size`` logits of both sides (a view, no copy).
+        chunk_size: rows per block of the torch path (default ~8M logits per block); the kernel ignores it.
+    Returns:
+        ``[N]`` fp32 loss per row, autograd to ``student_logits``.
+    """
+    spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    if vocab_size is not None:
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != mask.shape:
+        raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher "
+                         f"{tuple(teacher_logits.shape)}, mask {tuple(mask.shape)}")
+    mask = mask.bool()
+    if resolve_backend(backend, student_logits) == "triton":
+        from kd.ops.dense_kl import dense_divergence_triton
+        return dense_divergence_triton(student_logits, teacher_logits, mask, spec)
+    return chunked_dense_divergence(student_logits, teacher_logits, mask, spec, chunk_size)
+
+
+def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, labels: Tensor, *,
+                            teacher_hidden: Optional[Tensor] = None, teacher_weight: Optional[Tensor] = None,
+                            teacher_logits: Optional[Tensor] = None, divergence: str, temperature: float = 1.0,
+                            beta: float = 0.5, alpha: float = 0.1, taid_t: Optional[Scalar] = None,
+                            ce_weight: float = 0.0, normalizer: Scalar = 1.0, vocab_size: Optional[int] = None,
+                            backend: str = "auto", chunk_size: Optional[int] = None) -> FusedLossOutput:
+    """Divergence (+ optional hard-label CE) of a linear lm_head, without N x V logits.
+
+    Args:
+        student_hidden: ``[N, Hs]`` (or ``[..., Hs]``) final hidden states, with grad.
+        student_weight: ``[V', Hs]`` lm_head weight, with grad (a ZeRO-3 shard must be gathered by the caller; a tied
+            embedding is fine: autograd adds this gradient to the embedding's).
+        mask: ``[N]`` bool rows that carry the divergence (and are counted in ``num_tokens``).
+        labels: ``[N]`` next-token ids for the CE term, -100 where none.
+        teacher_hidden, teacher_weight: ``[N, Ht]`` and ``[V'', Ht]``; or teacher_logits ``[N, V'']``. No grad.
+        vocab_size: use only the first ``vocab_size`` logits of both sides (lm_heads padded past the shared
+            vocabulary); default: the student's V'.
+        ce_weight: w; the loss is ``((1 - w) kd_sum + w ce_sum) / normalizer`` (CE at T = 1, skipped when w = 0).
+        normalizer: divisor of the loss (the trainer passes the global loss-token count; float or tensor).
+        chunk_size: rows per chunk (default: ~128M logits per chunk on Triton, ~8M on the torch path).
+    Returns:
+        `FusedLossOutput` (loss with autograd to ``student_hidden`` and ``student_weight``; kd_sum, ce_sum detached).
+    """
+    spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    kwargs = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_logits=teacher_logits,
+                  spec=spec, ce_weight=ce_weight, normalizer=normalizer, vocab_size=vocab_size, chunk_size=chunk_size)
+    mask = mask.bool()
+    if resolve_backend(backend, student_hidden) == "triton":
+        from kd.ops.fused_linear_kl import fused_linear_divergence_triton
+        return fused_linear_divergence_triton(student_hidden, student_weight, mask, labels, **kwargs)
+    from kd.losses.chunked import fused_linear_divergence_torch
+    return fused_linear_divergence_torch(student_hidden, student_weight, mask, labels, **kwargs)

@@ -1,0 +1,208 @@
+"""Triton building blocks shared by the dense and fused-linear kernels: one row of student and teacher logits.
+
+A program owns one row and streams it in blocks of ``BLOCK`` vocabulary entries, in up to three passes:
+
+A. statistics (online softmax, one read of both rows): ``lse_s``, ``lse_t`` (and ``lse_1``, the student's at T = 1,
+   for the CE term when T != 1), and for forward/reverse KL the loss itself, accumulated online:
+       KL(p || q) = sum_v p_v (t_v - s_v) - lse_t + lse_s,   sum_v p_v (t_v - s_v) = sum_v e^(t_v-m_t) (t_v - s_v) / Z_t
+   with the running sum rescaled like Z_t whenever the running max m_t grows.
+B. (jsd, tvd, skew_kl, skew_reverse_kl only) the loss and the row scalar ``c = sum_v q_v g_v``, which need the
+   final log-normalizers: log m_v mixes p_v and q_v, so it cannot be accumulated online.
+C. the gradient, written in the output dtype (possibly over the student row itself: the fused kernel works in place).
+
+Notation: s = z_s / T, t = z_t / T, q = softmax(s), p = softmax(t) (for TAID, t is replaced by (1 - tau) s + tau t with
+s detached). Each divergence L(q) has, with g_v = dL/dq_v and c = sum_v q_v g_v,
+
+    dL/ds_u = q_u (g_u - c)                (softmax Jacobian)          dL/dz_s = dL/ds / T
+
+    forward_kl       L = sum p (log p - log q)                         dL/ds = q - p
+    reverse_kl       L = sum q (log q - log p)        q g = q (log q - log p),        c = L
+    jsd(beta)        m = beta p + (1-beta) q          q g = (1-beta) q (log q - log m),  c = (1-beta) KL(q || m)
+                     L = beta KL(p || m) + (1-beta) KL(q || m)   (the d log m terms sum to a constant and cancel)
+    tvd              L = 1/2 sum |p - q|              q g = q sign(q - p) / 2   (sign(0) = 0, as torch.abs)
+    skew_kl(alpha)   m = alpha p + (1-alpha) q,  L = KL(p || m),     q g = -(1-alpha) p q / m
+    skew_reverse_kl  m = alpha q + (1-alpha) p,  L = KL(q || m),     q g = q (log q - log m) - alpha q^2 / m
+                     (constants in g cancel in g - c and are dropped)
+
+so dL/ds = (q g) - q c for all but forward_kl. The hard-label CE adds w_ce (softmax(z_s) - onehot(label)).
+Exponentials run as exp2 on log2-scaled logits (scale = log2(e) / T): one multiply per element, the fast ex2
+instruction. Terms with a zero weight (p_v = 0 in p log p, lanes past V) are selected to 0, never multiplied, so
+-inf logits give no NaN. Every reduction is fp32 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Globals read inside @triton.jit functions must be constexpr.
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+JSD: tl.constexpr = tl.constexpr(2)
+TVD: tl.constexpr = tl.constexpr(3)
+SKEW_KL: tl.constexpr = tl.constexpr(4)
+SKEW_REVERSE_KL: tl.constexpr = tl.constexpr(5)
+
+# Recipe name -> kernel code; the divergences that need pass B.
+CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
+SCALAR_PASS = {"jsd", "tvd", "skew_kl", "skew_reverse_kl"}
+
+
+@triton.jit
+def load_block(s_row, t_row, offs, V, scale, tau, TAID: tl.constexpr):
+    """One block of both rows as fp32: raw student logits z_s and log2-scaled s2 = z_s log2(e) / T, t2 (the TAID
+    mix when TAID); lanes past V are -inf in s2 and t2."""
+    valid = offs < V
+    zs = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32)
+    zt = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32)
+    s2 = zs * scale
+    t2 = zt * scale
+    if TAID:  # the ends keep one side untouched: 0 * (-inf) would be NaN at a masked teacher entry
+        t2 = tl.where(tau >= 1.0, t2, tl.where(tau <= 0.0, s2, (1.0 - tau) * s2 + tau * t2))
+    s2 = tl.where(valid, s2, float("-inf"))
+    t2 = tl.where(valid, t2, float("-inf"))
+    return zs, s2, t2
+
+
+@triton.jit
+def row_stats(s_row, t_row, V, scale, tau, label, DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr,
+              CE_SEPARATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass A. Returns (lse2_s, lse2_t, loss, lse2_1, z_label): log2-domain log-normalizers, the natural-log loss for
+    forward/reverse KL (0 otherwise), the T = 1 student normalizer (== lse2_s unless CE_SEPARATE) and z_s[label]."""
+    m_s = -1e30  # finite sentinel: (-inf) - (-inf) would be NaN on a row that starts with masked entries
+    m_t = -1e30
+    m_1 = -1e30
+    z_s = 0.0
+    z_t = 0.0
+    z_1 = 0.0
+    acc = 0.0
+    z_lab = 0.0
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
+        new_s = tl.maximum(m_s, tl.max(s2, axis=0))
+        new_t = tl.maximum(m_t, tl.max(t2, axis=0))
+        rescale_s = tl.exp2(m_s - new_s)
+        rescale_t = tl.exp2(m_t - new_t)
+        e_s = tl.exp2(s2 - new_s)
+        e_t = tl.exp2(t2 - new_t)
+        z_s = z_s * rescale_s + tl.sum(e_s, axis=0)
+        z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
+        if DIV == FORWARD_KL:
+            acc = acc * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * (t2 - s2), 0.0), axis=0)
+        if DIV == REVERSE_KL:
+            acc = acc * rescale_s + tl.sum(tl.where(e_s > 0.0, e_s * (s2 - t2), 0.0), axis=0)
+        m_s = new_s
+        m_t = new_t
+        if CE:
+            z_lab += tl.sum(tl.where(offs == label, zs, 0.0), axis=0)
+            if CE_SEPARATE:
+                x1 = tl.where(offs < V, zs * LOG2E, float("-inf"))
+                new_1 = tl.maximum(m_1, tl.max(x1, axis=0))
+                z_1 = z_1 * tl.exp2(m_1 - new_1) + tl.sum(tl.exp2(x1 - new_1), axis=0)
+                m_1 = new_1
+    lse_s = m_s + tl.log2(z_s)
+    lse_t = m_t + tl.log2(z_t)
+    loss = 0.0
+    if DIV == FORWARD_KL:
+        loss = LN2 * (acc / z_t - lse_t + lse_s)
+    if DIV == REVERSE_KL:
+        loss = LN2 * (acc / z_s - lse_s + lse_t)
+    lse_1 = lse_s
+    if CE_SEPARATE:
+        lse_1 = m_1 + tl.log2(z_1)
+    return lse_s, lse_t, loss, lse_1, z_lab
+
+
+@triton.jit
+def probs(s2, t2, lse_s, lse_t):
+    """q, p and their natural logs from log2-scaled logits and log2 normalizers."""
+    lq2 = s2 - lse_s
+    lp2 = t2 - lse_t
+    return tl.exp2(lq2), tl.exp2(lp2), lq2 * LN2, lp2 * LN2
+
+
+@triton.jit
+def log_mix(a, log_a, b, log_b, w):
+    """log(w a + (1 - w) b); the pure ends return log_a / log_b exactly, so e.g. jsd(beta = 0) is exactly 0."""
+    return tl.where(w >= 1.0, log_a, tl.where(w <= 0.0, log_b, tl.log(w * a + (1.0 - w) * b)))
+
+
+@triton.jit
+def terms(q, p, lq, lp, beta, alpha, DIV: tl.constexpr):
+    """Per-entry (loss term, q_v g_v) of the pass-B divergences (module docstring)."""
+    if DIV == JSD:
+        lm = log_mix(p, lp, q, lq, beta)
+        kl_q = tl.where((q > 0.0) & (beta < 1.0), (1.0 - beta) * q * (lq - lm), 0.0)
+        loss = tl.where((p > 0.0) & (beta > 0.0), beta * p * (lp - lm), 0.0) + kl_q
+        qg = kl_q
+    elif DIV == TVD:
+        loss = 0.5 * tl.abs(p - q)
+        qg = q * tl.where(q > p, 0.5, tl.where(q < p, -0.5, 0.0))
+    elif DIV == SKEW_KL:
+        m = alpha * p + (1.0 - alpha) * q
+        loss = tl.where(p > 0.0, p * (lp - log_mix(p, lp, q, lq, alpha)), 0.0)
+        qg = tl.where(m > 0.0, -(1.0 - alpha) * p * q / m, 0.0)
+    else:  # SKEW_REVERSE_KL
+        m = alpha * q + (1.0 - alpha) * p
+        loss = tl.where(q > 0.0, q * (lq - log_mix(q, lq, p, lp, alpha)), 0.0)
+        qg = loss - tl.where(m > 0.0, alpha * q * q / m, 0.0)
+    return loss, qg
+
+
+@triton.jit
+def row_scalars(s_row, t_row, V, scale, tau, lse_s, lse_t, beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Pass B (blocks in reverse order, so the first reads hit what pass A left in L2). Returns (loss, c)."""
+    loss = 0.0
+    c = 0.0
+    n_blocks = tl.cdiv(V, BLOCK)
+    for i in range(0, n_blocks):
+        offs = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
+        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
+        q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
+        l_v, qg = terms(q, p, lq, lp, beta, alpha, DIV)
+        loss += tl.sum(l_v, axis=0)
+        c += tl.sum(qg, axis=0)
+    return loss, c
+
+
+@triton.jit
+def row_grad(s_row, t_row, g_row, V, scale, tau, lse_s, lse_t, c, lse_1, label, kd_on, kd_scale, ce_on, ce_scale,
+             beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr, CE_SEPARATE: tl.constexpr,
+             REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass C: g = kd_scale * dL/ds (kd_scale includes 1/T) + ce_scale * (softmax(z_s) - onehot), stored to g_row.
+
+    Rows switched off (kd_on / ce_on False) contribute exact zeros (selected, so NaN in their inputs cannot leak)."""
+    n_blocks = tl.cdiv(V, BLOCK)
+    for i in range(0, n_blocks):
+        blk = i
+        if REVERSE:
+            blk = n_blocks - 1 - i
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
+        q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
+        if DIV == FORWARD_KL:
+            ds = q - p
+        elif DIV == REVERSE_KL:
+            ds = tl.where(q > 0.0, q * (lq - lp - c), 0.0)
+        else:
+            _, qg = terms(q, p, lq, lp, beta, alpha, DIV)
+            ds = qg - q * c
+        g = tl.where(kd_on, kd_scale * ds, 0.0)
+        if CE:
+            sm = q
+            if CE_SEPARATE:
+                sm = tl.exp2(zs * LOG2E - lse_1)
+            g += tl.where(ce_on, ce_scale * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def zero_row(g_row, V, BLOCK: tl.constexpr):
+    """Write zeros over one row (the gradient of a row that carries no loss)."""
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_row.dtype.element_ty), mask=offs < V)

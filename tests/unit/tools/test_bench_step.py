@@ -1,0 +1,146 @@
+"""tools/bench_step.py: the loss is timed apart from the student, the summary is the stated formula, and the tool
+runs end to end on the tiny setup (integration: it starts a process)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kd.losses.divergence import DivergenceLoss
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("bench_step", REPO / "tools" / "bench_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_tool()
+
+
+class _SleepInBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: a phase of known length inside autograd."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+class _Student(torch.nn.Module):
+    def __init__(self, fwd_s: float, bwd_s: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.fwd_s, self.bwd_s = fwd_s, bwd_s
+
+    def forward(self, x):
+        time.sleep(self.fwd_s)
+        return SimpleNamespace(logits=_SleepInBackward.apply(x * self.w, self.bwd_s))
+
+
+class _Module(torch.nn.Module):
+    """Student + loss, like kd.engine.student.DistillationModule: the loss sleeps a known time each way."""
+
+    def __init__(self, loss_fwd_s: float, loss_bwd_s: float):
+        super().__init__()
+        self.student = _Student(fwd_s=0.05, bwd_s=0.07)
+        self.loss_fwd_s, self.loss_bwd_s = loss_fwd_s, loss_bwd_s
+
+    def forward(self, x):
+        logits = self.student(x).logits
+        time.sleep(self.loss_fwd_s)
+        return SimpleNamespace(loss_sum=_SleepInBackward.apply(logits, self.loss_bwd_s).sum())
+
+
+def test_phase_clock_charges_the_loss_and_not_the_student():
+    module = _Module(loss_fwd_s=0.04, loss_bwd_s=0.03)
+    synced = []
+    clock = bench.PhaseClock(module, module.student, lambda: synced.append(1))
+    for _ in range(2):  # two micro-batches accumulate
+        module(torch.randn(2, 3)).loss_sum.backward()
+    loss_fwd, loss_bwd = clock.take()
+    # 2 x 40 ms of loss forward, 2 x 30 ms of loss backward; the student's 50/70 ms must not leak in
+    assert 0.08 <= loss_fwd < 0.08 + 0.04
+    assert 0.06 <= loss_bwd < 0.06 + 0.04
+    assert len(synced) == 8  # every mark synchronized the accelerator first
+    assert clock.take() == (0.0, 0.0)
+    clock.remove()
+    module(torch.randn(2, 3)).loss_sum.backward()
+    assert clock.take() == (0.0, 0.0)
+
+
+def test_phases_and_summary_are_the_stated_formulas():
+    scalars = {"perf/teacher_s": 1.0, "perf/student_s": 3.0, "perf/optimizer_s": 0.5, "perf/step_s": 4.75}
+    phases = bench.phases_of(scalars, loss_fwd=0.4, loss_bwd=0.6)
+    assert phases == pytest.approx({"teacher": 1.0, "student_fwd_bwd": 2.0, "loss_fwd": 0.4, "loss_bwd": 0.6,
+                                    "optimizer": 0.5, "other": 0.25, "total": 4.75})
+
+    def step(total):
+        return {k: total / 7 for k in bench.PHASES} | {"total": total}
+
+    kd = [step(t) for t in (2.0, 9.0, 3.0)]
+    base = [step(t) for t in (1.0, 1.5, 4.0)]
+    result = bench.summarize(kd, base, tokens=300.0)
+    assert result["ratio"] == pytest.approx(3.0 / 1.5)
+    assert result["ratio_of_pairs"] == pytest.approx(2.0)  # pairs: 2/1, 9/1.5 = 6, 3/4
+    assert result["kd_tokens_per_s"] == pytest.approx(100.0)
+    assert result["baseline_tokens_per_s"] == pytest.approx(200.0)
+    assert result["kd"]["teacher"] == pytest.approx(3.0 / 7)
+
+
+class SleepyForwardKL(DivergenceLoss):
+    """forward_kl that sleeps 0.3 s in forward and 0.2 s in backward: the bench must put both on the loss."""
+
+    def __init__(self, cfg):
+        super().__init__("forward_kl")
+
+    def forward(self, inputs):
+        time.sleep(0.3)
+        out = super().forward(inputs)
+        out.loss_sum = _SleepInBackward.apply(out.loss_sum, 0.2)
+        return out
+
+
+@pytest.mark.integration
+def test_bench_runs_on_the_tiny_setup(tmp_path):
+    from tests.helpers.tiny_run import make_tiny_run
+
+    recipe = make_tiny_run(tmp_path)
+    loss = "tests.unit.tools.test_bench_step.SleepyForwardKL"  # importable from the repo root the tool runs in
+    result = subprocess.run(
+        [sys.executable, "tools/bench_step.py", str(recipe), f"loss.name={loss}", "--steps", "2", "--warmup", "1",
+         "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    r = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(r["kd_steps"]) == len(r["baseline_steps"]) == 2
+    assert r["tokens_per_step"] == 2 * 2 * 32  # micro-batch x accumulation x packed seq_len
+    kd_totals = [s["total"] for s in r["kd_steps"]]
+    base_totals = [s["total"] for s in r["baseline_steps"]]
+    assert r["ratio"] == pytest.approx(statistics.median(kd_totals) / statistics.median(base_totals))
+    assert r["kd_tokens_per_s"] == pytest.approx(128 / statistics.median(kd_totals))
+    for kd, base in zip(r["kd_steps"], r["baseline_steps"]):
+        # 2 micro-batches per step: 0.6 s of loss forward, 0.4 s of loss backward, none of it in the baseline
+        assert 0.6 <= kd["loss_fwd"] < 0.6 + 0.4 and 0.4 <= kd["loss_bwd"] < 0.4 + 0.4
+        assert base["loss_fwd"] < 0.3 and base["loss_bwd"] < 0.3
+        assert kd["student_fwd_bwd"] < base["student_fwd_bwd"] + 0.5  # the 1 s of sleeps was not charged to the student
+        assert kd["teacher"] > 0 and base["teacher"] > 0 and kd["optimizer"] > 0
+        assert sum(kd[k] for k in bench.PHASES) == pytest.approx(kd["total"])
