@@ -84,6 +84,8 @@ class Trainer:
             # ZeRO-1/2 only check fp16/bf16 gradients by default; checking fp32 too makes DeepSpeed skip (not apply)
             # a step whose gradient norm is NaN/inf. ZeRO-3 always checks.
             self.engine.optimizer.check_grad_overflow = True
+        self.skip_update = False
+        self._guard_unzeroed_optimizer()
         self.teacher = ModelTeacher(teacher_model, teacher_ds, self.device)
         torch.manual_seed(train.seed + 1000 * self.rank)  # dropout etc. differ per rank from here on
         self.step = 0
@@ -181,8 +183,7 @@ class Trainer:
                 # The step's global loss is known before the optimizer runs (one all-reduce of a few scalars).
                 totals_t = dist.all_reduce_sum(sums.to(torch.float64)) / max(loss_tokens, 1.0)
                 finite = bool(torch.isfinite(totals_t).all())
-                if not finite:
-                    self._drop_gradients_without_zero()
+                self.skip_update = not finite
             self.engine.step()  # DeepSpeed only updates at the accumulation boundary
             dist.synchronize()
             t_teacher, t_student, t_optim = t_teacher + t1 - t0, t_student + t2 - t1, t_optim + time.perf_counter() - t2
@@ -211,12 +212,21 @@ class Trainer:
         scalars["train/skipped_steps"] = self.nonfinite_total
         return scalars
 
-    def _drop_gradients_without_zero(self) -> None:
-        """Without ZeRO, DeepSpeed applies whatever gradient there is; parameters without .grad are left alone by
-        torch's AdamW, so dropping the gradients turns the coming update into a no-op."""
-        if self.engine.zero_optimization_stage() == 0:
-            for p in self.engine.module.parameters():
-                p.grad = None
+    def _guard_unzeroed_optimizer(self) -> None:
+        """ZeRO optimizers skip a step with a non-finite gradient norm themselves. Without ZeRO, DeepSpeed steps the
+        torch optimizer unconditionally, so kd wraps its step: when the step's loss was non-finite it does nothing
+        and reports `overflow`, which DeepSpeed already understands (no scheduler step, skipped_steps + 1)."""
+        optimizer = self.engine.optimizer
+        if self.engine.zero_optimization_stage() != 0 or hasattr(optimizer, "overflow"):
+            return
+        step = optimizer.step
+
+        def guarded_step(*args, **kwargs):
+            optimizer.overflow = self.skip_update
+            return None if self.skip_update else step(*args, **kwargs)
+
+        optimizer.overflow = False
+        optimizer.step = guarded_step
 
     def _count_nonfinite(self, scalars: dict[str, float]) -> None:
         self.nonfinite_in_a_row += 1
