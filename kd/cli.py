@@ -70,9 +70,13 @@ def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_p
     from kd.preflight import check_models, check_recipe, prepare_assets, prepare_data
 
     recipe = check_recipe(recipe_path, overrides)
+    nproc = nproc or recipe.run.nproc
+    check_capacity(nproc)
+    if master_port is not None and not _port_free(master_port):
+        raise UserError(f"port {master_port} is already in use on this machine; pass another --master-port or leave "
+                        "it out (kd then picks a free one)")
     prepare_assets(recipe)
     prepare_data(recipe, check_models(recipe))
-    nproc = nproc or recipe.run.nproc
     port = master_port or _free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
            "--module", "kd.launch", "--recipe", recipe_path, *overrides]
@@ -80,6 +84,29 @@ def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_p
           + "".join(f" {o}" for o in overrides), file=sys.stderr, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.call(cmd, env=env)
+
+
+def check_capacity(nproc: int) -> None:
+    """One process per GPU, or on a CPU-only machine at most one per core: more ranks than that would oversubscribe
+    the devices (DeepSpeed maps ranks to GPUs by local rank), so it is refused before anything starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        have, what = torch.cuda.device_count(), "GPU(s)"
+    else:
+        have, what = os.cpu_count() or 1, "CPU core(s) and no GPU"
+    if nproc > have:
+        raise UserError(f"asks for {nproc} processes but this machine has {have} {what}; lower run.nproc or --nproc",
+                        key="run.nproc")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:

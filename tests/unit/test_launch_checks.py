@@ -1,0 +1,48 @@
+"""`kd train` refuses, before launching anything, more processes than the machine has devices for and a rendezvous
+port that is taken."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import yaml
+
+import kd.cli
+
+RECIPE = {
+    "run": {"output_dir": "/tmp/kd-launch-check-run"},
+    "teacher": {"config": {"model_type": "llama", "vocab_size": 64}},
+    "student": {"config": {"model_type": "llama", "vocab_size": 64}},
+    "data": {"train": {"path": "asset:kjv-bible"}},
+    "train": {"max_steps": 1},
+}
+
+
+@pytest.fixture
+def recipe(tmp_path, monkeypatch):
+    def launch(*args, **kwargs):
+        raise AssertionError("kd train launched processes")
+
+    monkeypatch.setattr(kd.cli.subprocess, "call", launch)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(RECIPE))
+    return str(path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU-core limit applies without GPUs")
+def test_more_processes_than_devices(recipe, capsys):
+    too_many = (os.cpu_count() or 1) + 1
+    assert kd.cli.main(["train", recipe, "--nproc", str(too_many)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kd: error: {recipe}: run.nproc: asks for {too_many} processes but this machine has "
+                   f"{os.cpu_count()} CPU core(s) and no GPU; lower run.nproc or --nproc"]
+
+
+def test_port_in_use(recipe, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert kd.cli.main(["train", recipe, "--nproc", "1", "--master-port", str(port)]) == 2
+    assert f"port {port} is already in use" in capsys.readouterr().err
