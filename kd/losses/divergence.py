@@ -15,6 +15,7 @@ import inspect
 from kd.errors import UserError
 from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum
 from kd.losses.functional import DIVERGENCES, cross_entropy
+from kd.ops import dense_divergence
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
@@ -34,13 +35,17 @@ class DivergenceLoss(DistillationLoss):
             skew_reverse_kl).
         temperature: softmax temperature of both distributions in the divergence (not in the CE); no T^2 factor.
         ce_weight: w in [0, 1].
+        kernel: backend of `kd.ops.dense_divergence`: "auto" (Triton on CUDA, else the chunked PyTorch path with
+            closed-form gradients and bounded fp32 memory), "triton", "torch", or "eager" for the plain
+            `kd.losses.functional` formula (the spec; autograd through every op, full fp32 copies of the logits).
         **divergence_kwargs: the divergence's own knobs (``beta`` for jsd, ``alpha`` for the skew KLs).
     """
 
     needs_teacher = True
     needs_hidden_states = False
 
-    def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, **divergence_kwargs: float):
+    def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, kernel: str = "auto",
+                 **divergence_kwargs: float):
         super().__init__()
         if divergence not in DIVERGENCES:
             raise UserError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}", key="loss.name")
@@ -53,6 +58,7 @@ class DivergenceLoss(DistillationLoss):
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
         self.divergence_kwargs = dict(divergence_kwargs)
+        self.kernel = kernel
         self._fn = DIVERGENCES[divergence]
 
     def forward(self, inputs: LossInputs) -> LossOutput:
@@ -60,8 +66,12 @@ class DivergenceLoss(DistillationLoss):
         if inputs.teacher_logits is None:
             raise ValueError(f"{self.divergence} needs teacher_logits (the trainer must run the teacher)")
         mask = loss_token_mask(inputs.labels)
-        per_token = self._fn(inputs.student_logits, inputs.teacher_logits, temperature=self.temperature,
-                             **self.divergence_kwargs)
+        if self.kernel == "eager":
+            per_token = self._fn(inputs.student_logits, inputs.teacher_logits, temperature=self.temperature,
+                                 **self.divergence_kwargs)
+        else:
+            per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence=self.divergence,
+                                         temperature=self.temperature, backend=self.kernel, **self.divergence_kwargs)
         kd_sum = masked_sum(per_token, mask)
         terms = {"kd": kd_sum.detach()}
         if self.ce_weight > 0.0:

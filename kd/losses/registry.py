@@ -32,7 +32,7 @@ def _divergence_factory(name: str) -> Callable[[LossConfig], DistillationLoss]:
     knobs = [k for k in ("beta", "alpha") if k in inspect.signature(DIVERGENCES[name]).parameters]
 
     def build(cfg: LossConfig) -> DistillationLoss:
-        return DivergenceLoss(name, temperature=cfg.temperature, ce_weight=cfg.ce_weight,
+        return DivergenceLoss(name, temperature=cfg.temperature, ce_weight=cfg.ce_weight, kernel=cfg.kernel,
                               **{k: getattr(cfg, k) for k in knobs})
 
     return build

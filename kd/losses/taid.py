@@ -47,7 +47,7 @@ from typing import Any
 from kd.config.schema import LossConfig
 from kd.errors import UserError
 from kd.losses.base import DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum
-from kd.losses.functional import cross_entropy
+from kd.losses.functional import cross_entropy, taid_kl
 from kd.ops import dense_divergence
 
 # Guard of the relative change against J_prev = 0, as in the paper.
@@ -88,7 +88,7 @@ class TAIDLoss(DistillationLoss):
         self.t_start, self.t_end = float(taid.t_start), float(taid.t_end)
         self.alpha, self.beta = float(taid.alpha), float(taid.beta)
         self.adaptive = bool(taid.adaptive)
-        self.kernel = cfg.kernel  # "auto" | "triton" | "torch": the backend of kd.ops.dense_divergence
+        self.kernel = cfg.kernel  # "auto" | "triton" | "torch": the backend of kd.ops.dense_divergence; "eager": taid_kl
         self.total_steps = int(context.total_steps)
         # Schedule state (host floats; see get_extra_state).
         self.t = self.t_start
@@ -103,8 +103,11 @@ class TAIDLoss(DistillationLoss):
             raise ValueError("taid needs teacher_logits (the trainer must run the teacher)")
         mask = loss_token_mask(inputs.labels)
         # KL(p_t || q) per token; rows outside the mask give 0 and no gradient. t is a host float: no sync.
-        per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence="forward_kl",
-                                     temperature=self.temperature, taid_t=self.t, backend=self.kernel)
+        if self.kernel == "eager":  # the reference formula (autograd through every op)
+            per_token = taid_kl(inputs.student_logits, inputs.teacher_logits, self.t, temperature=self.temperature)
+        else:
+            per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence="forward_kl",
+                                         temperature=self.temperature, taid_t=self.t, backend=self.kernel)
         taid_sum = masked_sum(per_token, mask)
         terms = {"taid": taid_sum.detach()}
         if self.ce_weight > 0.0:
