@@ -160,14 +160,14 @@ class CheckpointConfig(Section):
 
 
 class Recipe(Section):
-    run: RunConfig
-    teacher: TeacherConfig
-    student: StudentConfig
+    run: RunConfig = Field(description="Where the run writes and how it is launched.")
+    teacher: TeacherConfig = Field(description="The frozen teacher and its inference-only DeepSpeed engine.")
+    student: StudentConfig = Field(description="The trained student and its DeepSpeed training engine.")
     tokenizer: Optional[str] = Field(None, description="Tokenizer directory; defaults to the teacher's `path`.")
-    data: DataConfig
-    loss: LossConfig = Field(default_factory=LossConfig)
-    train: TrainConfig
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    data: DataConfig = Field(description="Training and held-out data.")
+    loss: LossConfig = Field(default_factory=LossConfig, description="The distillation loss.")
+    train: TrainConfig = Field(description="Optimizer, schedule, batch shape and length of training.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="DeepSpeed checkpoints.")
     resume: Union[Literal["auto", "never"], str] = Field("auto", description="auto: continue from the newest checkpoint in the run directory if any; never: start fresh; or a checkpoint directory.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config merged into the student engine's config (advanced; e.g. communication settings).")

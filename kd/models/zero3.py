@@ -39,11 +39,16 @@ def zero3_construction(ds_config: dict[str, Any] | None) -> Iterator[None]:
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     keep_alive = HfDeepSpeedConfig(ds_config)  # registers itself through a weak reference
+    linear = torch.nn.functional.linear
     try:
         yield
     finally:
         unset_hf_deepspeed_config()
         del keep_alive
+        # zero.Init swaps torch.nn.functional.linear for its memory-saving variant process-wide and never puts it
+        # back; every later model (a ZeRO-2 student next to a ZeRO-3 teacher) would pay for it. ZeRO-3 engines do
+        # not need it: parameters are gathered by module hooks.
+        torch.nn.functional.linear = linear
 
 
 def is_partitioned(param: torch.nn.Parameter) -> bool:

@@ -73,3 +73,15 @@ def test_zero3_construction_rejects_other_stages():
     with pytest.raises(ValueError):
         with zero3_construction({"zero_optimization": {"stage": 2}}):
             pass
+
+
+def test_construction_leaves_torch_linear_alone(gloo_group):
+    """zero.Init replaces torch.nn.functional.linear process-wide; kd puts the original back."""
+    original = torch.nn.functional.linear
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    with zero3_construction(config):
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            torch.nn.Linear(4, 4)
+    assert torch.nn.functional.linear is original
