@@ -27,7 +27,7 @@ from kd.engine import dist
 from kd.engine import safe_load
 from kd.engine.ds_config import merge, student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
-from kd.losses import LossContext, build_loss
+from kd.losses import LossContext, LossOutput, build_loss
 from kd.losses import functional as F
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
@@ -76,7 +76,7 @@ class Trainer:
             teacher_num_layers=teacher_model.config.num_hidden_layers,
         ))
         self.engine = build_engine(
-            DistillationModule(student_model, self.loss, self.vocab_size), student_ds,
+            DistillationModule(student_model, self.loss, self.vocab_size, fused_linear=recipe.loss.fused_linear), student_ds,
             warmup_steps=train.warmup_steps, total_steps=self.total_steps, min_lr_ratio=train.min_lr_ratio,
         )
         safe_load.install(self.engine)
@@ -168,11 +168,11 @@ class Trainer:
             teacher_out = self.teacher(batch, hidden_states=self.loss.needs_hidden_states, layers=self.loss.teacher_hidden_layers) if self.loss.needs_teacher else None
             dist.synchronize()
             t1 = time.perf_counter()
-            out = self.engine(
+            out = LossOutput(**self.engine(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                 teacher_logits=teacher_out.logits if teacher_out is not None else None,
                 teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None, step=self.step,
-            )
+            ))
             self.engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             dist.synchronize()
             t2 = time.perf_counter()

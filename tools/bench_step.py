@@ -100,8 +100,9 @@ class PhaseClock:
 
     def _loss_done(self, _module, _inputs, output) -> None:
         self.loss_fwd += self._now() - self._t_logits
-        if output.loss_sum.requires_grad:
-            output.loss_sum.register_hook(self._backward_starts)
+        loss_sum = output["loss_sum"]  # DistillationModule returns the LossOutput fields as a dict
+        if loss_sum.requires_grad:
+            loss_sum.register_hook(self._backward_starts)
 
     def _backward_starts(self, grad: torch.Tensor) -> None:
         self._t_bwd = self._now()

@@ -23,12 +23,27 @@ def shift(tensor: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> O
     return out[..., :vocab_size] if vocab_size is not None else out
 
 
+# Causal LMs whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling after the head,
+# so the fused-linear path (which applies the head itself) computes the same loss.
+FUSED_LINEAR_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+
+
 class DistillationModule(torch.nn.Module):
-    def __init__(self, student: torch.nn.Module, loss: DistillationLoss, vocab_size: int):
+    def __init__(self, student: torch.nn.Module, loss: DistillationLoss, vocab_size: int, *, fused_linear: bool = False):
         super().__init__()
         self.student = student
         self.loss = loss
         self.vocab_size = vocab_size
+        self.fused_linear = fused_linear
+        if fused_linear:
+            _check_fused_linear(student, loss)
+            weight = student.get_output_embeddings().weight
+            if hasattr(weight, "ds_id"):
+                # ZeRO-3: the fused loss uses the lm_head weight outside the lm_head module, so DeepSpeed must gather
+                # it for this module's forward *and* backward (where the kernel's weight gradient lands).
+                import deepspeed
+
+                deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(
         self,
@@ -38,7 +53,15 @@ class DistillationModule(torch.nn.Module):
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None,
         step: int = 0,
-    ) -> LossOutput:
+    ) -> dict[str, Any]:
+        """The micro-batch's `LossOutput` as a plain dict: DeepSpeed's ZeRO-3 hooks find the tensors of a returned
+        dict (not of a dataclass), and its backward hook is what gathers parameters used outside their module."""
+        out = self._loss_output(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step)
+        return {"loss_sum": out.loss_sum, "num_tokens": out.num_tokens, "terms": out.terms}
+
+    def _loss_output(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step) -> LossOutput:
+        if self.fused_linear:
+            return self._fused_forward(input_ids, attention_mask, labels, teacher_logits)
         want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         out = self.student(
             input_ids=input_ids,
@@ -60,6 +83,25 @@ class DistillationModule(torch.nn.Module):
                 step=step,
             )
         )
+
+
+    def _fused_forward(self, input_ids, attention_mask, labels, teacher_logits) -> LossOutput:
+        decoder = getattr(self.student, self.student.base_model_prefix)
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        weight = self.student.get_output_embeddings().weight
+        return self.loss.fused(shift(hidden), weight, shift(teacher_logits, self.vocab_size), labels[:, 1:], self.vocab_size)
+
+
+def _check_fused_linear(student: torch.nn.Module, loss: DistillationLoss) -> None:
+    from kd.errors import UserError
+
+    if not hasattr(loss, "fused") or loss.needs_hidden_states:
+        raise UserError(f"loss {type(loss).__name__} has no fused-linear form (divergence losses and taid do, TRG "
+                        "terms do not); set loss.fused_linear: false", key="loss.fused_linear")
+    model_type = student.config.model_type
+    if model_type not in FUSED_LINEAR_MODEL_TYPES:
+        raise UserError(f"the fused-linear path supports {', '.join(FUSED_LINEAR_MODEL_TYPES)} students (logits = "
+                        f"lm_head(hidden)), not {model_type!r}; set loss.fused_linear: false", key="loss.fused_linear")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):

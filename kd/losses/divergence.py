@@ -15,7 +15,7 @@ import inspect
 from kd.errors import UserError
 from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum
 from kd.losses.functional import DIVERGENCES, cross_entropy
-from kd.ops import dense_divergence
+from kd.ops import dense_divergence, fused_linear_divergence
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
@@ -81,6 +81,19 @@ class DivergenceLoss(DistillationLoss):
         else:
             loss_sum = kd_sum
         return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+
+    def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
+        """The same loss from the student's final hidden states and lm_head weight (`kd.ops.fused_linear_divergence`:
+        the student's logits exist only a block of rows at a time)."""
+        mask = loss_token_mask(labels)
+        out = fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_logits=teacher_logits,
+                                      divergence=self.divergence, temperature=self.temperature,
+                                      ce_weight=self.ce_weight, vocab_size=vocab_size,
+                                      backend="torch" if self.kernel == "eager" else self.kernel, **self.divergence_kwargs)
+        terms = {"kd": out.kd_sum}
+        if self.ce_weight > 0.0:
+            terms["ce"] = out.ce_sum
+        return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.divergence_kwargs.items())

@@ -48,7 +48,7 @@ from kd.config.schema import LossConfig
 from kd.errors import UserError
 from kd.losses.base import DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum
 from kd.losses.functional import cross_entropy, taid_kl
-from kd.ops import dense_divergence
+from kd.ops import dense_divergence, fused_linear_divergence
 
 # Guard of the relative change against J_prev = 0, as in the paper.
 _EPS = 1e-15
@@ -117,6 +117,18 @@ class TAIDLoss(DistillationLoss):
         else:
             loss_sum = taid_sum
         return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+
+    def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
+        """TAID from the student's final hidden states and lm_head weight (kd.ops.fused_linear_divergence, taid_t)."""
+        mask = loss_token_mask(labels)
+        out = fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_logits=teacher_logits,
+                                      divergence="forward_kl", temperature=self.temperature, taid_t=self.t,
+                                      ce_weight=self.ce_weight, vocab_size=vocab_size,
+                                      backend="torch" if self.kernel == "eager" else self.kernel)
+        terms = {"taid": out.kd_sum}
+        if self.ce_weight > 0.0:
+            terms["ce"] = out.ce_sum
+        return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
 
     # ------------------------------------------------------------------ schedule
     def t_linear(self, step: int) -> float:
