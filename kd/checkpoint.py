@@ -76,8 +76,7 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
         torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
-        # test hook: widen the window in which a crash leaves a partial checkpoint (tests/integration)
-        time.sleep(float(os.environ.get("KD_TEST_SAVE_DELAY", "0")))
+        _test_save_delay(step)
         if dist.is_main():
             write_meta(os.path.join(tag_dir, "kd_meta"))
     except OSError as e:
@@ -96,6 +95,16 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
+
+
+def _test_save_delay(step: int) -> None:
+    """Test hook: KD_TEST_SAVE_DELAY="SECONDS[@STEP]" lingers between the shards and the manifest (of that step's
+    save only, when given), widening the window in which a crash leaves a partial checkpoint."""
+    setting = os.environ.get("KD_TEST_SAVE_DELAY")
+    if setting:
+        seconds, _, only_step = setting.partition("@")
+        if not only_step or int(only_step) == step:
+            time.sleep(float(seconds))
 
 
 def read_latest(ckpt_dir: str) -> Optional[str]:

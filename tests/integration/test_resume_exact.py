@@ -68,8 +68,8 @@ def test_sigkill_one_rank_then_resume_is_bitwise_identical(tmp_path, reference):
 def test_crash_during_save_never_leaves_latest_on_a_partial_checkpoint(tmp_path, reference):
     recipe = make_tiny_run(tmp_path, **SECTIONS)
     ckpts = tmp_path / "run" / "checkpoints"
-    # test hook: each save lingers 15 s between the shards and the manifest
-    job = start_kd("train", str(recipe), env={"KD_TEST_SAVE_DELAY": "15"}, log_path=tmp_path / "first.log")
+    # test hook: the step-4 save lingers 15 s between the shards and the manifest
+    job = start_kd("train", str(recipe), env={"KD_TEST_SAVE_DELAY": "15@4"}, log_path=tmp_path / "first.log")
     wait_for(lambda: (ckpts / "step_00000004").is_dir(), timeout=300, what="the step-4 save to start", proc=job)
     time.sleep(2)
     assert (ckpts / "latest").read_text() == "step_00000002"
