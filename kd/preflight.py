@@ -79,6 +79,14 @@ def check_models(recipe: Recipe) -> Any:
     else:
         student_config = source_config(recipe.student, section="student", resolve_path=resolve)
     check_compatible(tokenizer, teacher_config, student_config, recipe.data.seq_len)
+    # building the loss checks its name, options and method sections (cheap: no model weights involved)
+    from kd.losses import LossContext, build_loss
+
+    build_loss(recipe.loss, LossContext(
+        total_steps=recipe.train.max_steps or 1,
+        student_hidden_size=student_config.hidden_size, teacher_hidden_size=teacher_config.hidden_size,
+        student_num_layers=student_config.num_hidden_layers, teacher_num_layers=teacher_config.num_hidden_layers,
+    ))
     return tokenizer
 
 

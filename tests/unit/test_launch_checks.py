@@ -46,3 +46,20 @@ def test_port_in_use(recipe, capsys):
         port = busy.getsockname()[1]
         assert kd.cli.main(["train", recipe, "--nproc", "1", "--master-port", str(port)]) == 2
     assert f"port {port} is already in use" in capsys.readouterr().err
+
+
+def test_validate_builds_the_loss(tmp_path, capsys):
+    """`kd validate` catches a bad loss name or options, not only schema errors."""
+    from tests.helpers.tiny_run import build_teacher
+
+    build_teacher(tmp_path / "teacher")
+    recipe = {**RECIPE, "teacher": {"path": str(tmp_path / "teacher")}, "student": {"init_from_teacher_layers": [0]},
+              "data": {"train": {"path": "asset:kjv-bible"}, "seq_len": 64},
+              "loss": {"name": "forward_kll"}}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert kd.cli.main(["validate", str(path)]) == 2
+    assert f"{path}: loss.name: unknown loss 'forward_kll'" in capsys.readouterr().err
+    recipe["loss"] = {"name": "jsd"}
+    path.write_text(yaml.safe_dump(recipe))
+    assert kd.cli.main(["validate", str(path)]) == 0
