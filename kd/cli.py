@@ -6,6 +6,8 @@ real `deepspeed` launcher with launchers/train.py on each rank: the same path a 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import os
 import socket
 import subprocess
@@ -78,12 +80,22 @@ def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_p
     prepare_assets(recipe)
     prepare_data(recipe, check_models(recipe))
     port = master_port or _free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(port),
-           "--module", "kd.launch", "--recipe", recipe_path, *overrides]
+    cmd = local_launch_command(nproc, port, ["--recipe", recipe_path, *overrides])
     print(f"kd: launching {nproc} process(es): deepspeed --num_gpus {nproc} launchers/train.py --recipe {recipe_path}"
           + "".join(f" {o}" for o in overrides), file=sys.stderr, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.call(cmd, env=env)
+
+
+def local_launch_command(nproc: int, port: int, script_args: list[str]) -> list[str]:
+    """DeepSpeed's per-node launcher (deepspeed.launcher.launch) for N local ranks running kd.launch.
+
+    This is exactly what `deepspeed --num_gpus N` runs on a single node, minus the intermediate `deepspeed` runner
+    process, whose only job there is to compute this world description (it saves a Python start-up per run).
+    """
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "kd.launch", *script_args]
 
 
 def check_capacity(nproc: int) -> None:
