@@ -56,7 +56,7 @@ def _reference_step1(recipe_path):
     loss = total / tokens
     loss.backward()
     grad_norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in student.parameters() if p.grad is not None))
-    return float(loss), float(grad_norm)
+    return float(loss.detach()), float(grad_norm)
 
 
 def test_same_loss_and_gradients_for_any_split(tmp_path):
