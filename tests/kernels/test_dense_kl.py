@@ -1,18 +1,15 @@
 """Dense Triton kernel vs the eager divergences of kd.losses.functional (the spec).
 
-On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
+On a machine without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py before triton is
 imported); the shapes are small because the interpreter executes every program in Python. The reference is written
 here from the functional divergences directly (TAID: the mixed logits built in the test, and functional.taid_kl).
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from kd.losses import functional as F  # noqa: E402

@@ -1,17 +1,14 @@
 """Fused-linear Triton path vs a full eager reference (N x V logits, kd.losses.functional, autograd).
 
-Runs in Triton's interpreter without CUDA (TRITON_INTERPRET=1 set before triton is imported). The reference below
+Runs in Triton's interpreter without CUDA (TRITON_INTERPRET=1, set by tests/conftest.py before triton is imported). The reference below
 materializes the logits with the same matmuls and differentiates the eager divergence + CE with autograd.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from kd.losses import functional as F  # noqa: E402

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
-import os
 import random
 
 import pytest
@@ -20,8 +19,6 @@ from kd.losses import LossContext, LossInputs, build_loss
 from kd.losses.functional import IGNORE_INDEX, taid_kl, taid_target
 from kd.losses.taid import TAIDLoss
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # the Triton kernel runs in its interpreter on CPU (set before importing it)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
