@@ -93,7 +93,10 @@ def local_launch_command(nproc: int, port: int, script_args: list[str]) -> list[
     This is exactly what `deepspeed --num_gpus N` runs on a single node, minus the intermediate `deepspeed` runner
     process, whose only job there is to compute this world description (it saves a Python start-up per run).
     """
-    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode()).decode()
+    # ranks go to the first N visible GPUs (launch.py sets CUDA_VISIBLE_DEVICES from this list; ignored on CPU)
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip().isdigit()]
+    devices = [int(d) for d in visible[:nproc]] if len(visible) >= nproc else list(range(nproc))
+    world_info = base64.urlsafe_b64encode(json.dumps({"localhost": devices}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
             "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "kd.launch", *script_args]
 
