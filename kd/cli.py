@@ -17,6 +17,7 @@ from kd.errors import EXIT_USER_ERROR, UserError
 
 
 def main(argv: list[str] | None = None) -> int:
+    _quiet_accelerator_detection()
     parser = argparse.ArgumentParser(prog="kd", description="Distributed knowledge distillation on DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a recipe with the deepspeed launcher")
@@ -55,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
+
+
+def _quiet_accelerator_detection() -> None:
+    """Without a GPU, tell DeepSpeed up front that it runs on the CPU: otherwise this process and every rank it starts
+    print a warning that it could not find one. (A user's own DS_ACCELERATOR setting wins.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def validate(recipe_path: str, overrides: list[str]) -> int:
@@ -98,7 +108,8 @@ def local_launch_command(nproc: int, port: int, script_args: list[str]) -> list[
     devices = [int(d) for d in visible[:nproc]] if len(visible) >= nproc else list(range(nproc))
     world_info = base64.urlsafe_b64encode(json.dumps({"localhost": devices}).encode()).decode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world_info}",
-            "--master_addr=127.0.0.1", f"--master_port={port}", "--module", "kd.launch", *script_args]
+            "--master_addr=127.0.0.1", f"--master_port={port}", "--log_level=warning", "--module", "kd.launch",
+            *script_args]
 
 
 def check_capacity(nproc: int) -> None:

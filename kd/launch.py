@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from kd.config import load_recipe
 from kd.errors import EXIT_USER_ERROR, UserError
@@ -22,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="key.path=value")
     args = parser.parse_args(argv)
+    # DeepSpeed's own calls into deprecated torch.distributed names warn once per rank; not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from kd.checkpoint import CheckpointWriteError

@@ -74,7 +74,7 @@ def test_launch_command_is_deepspeeds_per_node_launcher(monkeypatch):
     assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.launch"]
     world = json.loads(base64.urlsafe_b64decode(cmd[4].removeprefix("--world_info=")))
     assert world == {"localhost": [0, 1]}
-    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29999", "--module", "kd.launch",
+    assert cmd[5:] == ["--master_addr=127.0.0.1", "--master_port=29999", "--log_level=warning", "--module", "kd.launch",
                        "--recipe", "r.yaml", "train.max_steps=3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6,7")  # the user's choice of GPUs is kept
     world = json.loads(base64.urlsafe_b64decode(kd.cli.local_launch_command(2, 1, [])[4].removeprefix("--world_info=")))
