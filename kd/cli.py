@@ -94,7 +94,22 @@ def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_p
     print(f"kd: launching {nproc} process(es): deepspeed --num_gpus {nproc} launchers/train.py --recipe {recipe_path}"
           + "".join(f" {o}" for o in overrides), file=sys.stderr, flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.call(cmd, env=env)
+    try:
+        return subprocess.call(cmd, env=env)
+    finally:
+        remove_shm_buffers(port)
+
+
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU all-reduce keeps per-rank buffers in /dev/shm named after the rendezvous port and never removes
+    them (nor can it, when a rank is killed); left alone they fill the machine's shared memory run after run."""
+    import glob
+
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
 
 
 def local_launch_command(nproc: int, port: int, script_args: list[str]) -> list[str]:
