@@ -103,3 +103,17 @@ class DistillationLoss(torch.nn.Module):
         schedule's current value). Default: no state, nothing to log.
         """
         return {}
+
+
+def mix_with_ce(name: str, div_sum: Tensor, inputs: "LossInputs", mask: Tensor, ce_weight: float) -> "LossOutput":
+    """``(1 - w) * divergence + w * CE`` summed over loss tokens, with both parts as logging terms. The CE (another
+    fp32 pass over the logits) is only computed when w > 0."""
+    from kd.losses.functional import cross_entropy
+
+    terms = {name: div_sum.detach()}
+    loss_sum = div_sum
+    if ce_weight > 0.0:
+        ce_sum = masked_sum(cross_entropy(inputs.student_logits, inputs.labels), mask)
+        terms["ce"] = ce_sum.detach()
+        loss_sum = (1.0 - ce_weight) * div_sum + ce_weight * ce_sum
+    return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum
+from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum, mix_with_ce
 from kd.losses.functional import DIVERGENCES, cross_entropy
 from kd.ops import dense_divergence, fused_linear_divergence
 
@@ -72,15 +72,7 @@ class DivergenceLoss(DistillationLoss):
         else:
             per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence=self.divergence,
                                          temperature=self.temperature, backend=self.kernel, **self.divergence_kwargs)
-        kd_sum = masked_sum(per_token, mask)
-        terms = {"kd": kd_sum.detach()}
-        if self.ce_weight > 0.0:
-            ce_sum = masked_sum(cross_entropy(inputs.student_logits, inputs.labels), mask)
-            terms["ce"] = ce_sum.detach()
-            loss_sum = (1.0 - self.ce_weight) * kd_sum + self.ce_weight * ce_sum
-        else:
-            loss_sum = kd_sum
-        return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+        return mix_with_ce("kd", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
 
     def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
         """The same loss from the student's final hidden states and lm_head weight (`kd.ops.fused_linear_divergence`:

@@ -46,7 +46,8 @@ from typing import Any
 
 from kd.config.schema import LossConfig
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum
+from kd.losses.base import (DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum,
+                            mix_with_ce)
 from kd.losses.functional import cross_entropy, taid_kl
 from kd.ops import dense_divergence, fused_linear_divergence
 
@@ -108,15 +109,7 @@ class TAIDLoss(DistillationLoss):
         else:
             per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence="forward_kl",
                                          temperature=self.temperature, taid_t=self.t, backend=self.kernel)
-        taid_sum = masked_sum(per_token, mask)
-        terms = {"taid": taid_sum.detach()}
-        if self.ce_weight > 0.0:
-            ce_sum = masked_sum(cross_entropy(inputs.student_logits, inputs.labels), mask)
-            terms["ce"] = ce_sum.detach()
-            loss_sum = (1.0 - self.ce_weight) * taid_sum + self.ce_weight * ce_sum
-        else:
-            loss_sum = taid_sum
-        return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+        return mix_with_ce("taid", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
 
     def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
         """TAID from the student's final hidden states and lm_head weight (kd.ops.fused_linear_divergence, taid_t)."""
