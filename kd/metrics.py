@@ -1,4 +1,5 @@
-"""Run logging on rank 0: TensorBoard scalars, one JSONL record per optimizer step, and a progress bar with ETA."""
+"""Run logging on rank 0: TensorBoard scalars, one JSONL record per optimizer step, and a progress bar with ETA;
+and `read_metrics`, the one reader of a run's metrics.jsonl that the tools share."""
 from __future__ import annotations
 
 import json
@@ -6,7 +7,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+from kd.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
@@ -24,7 +29,7 @@ class MetricsLogger:
 
         os.makedirs(run_dir, exist_ok=True)
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
+        self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
         if progress_bar:
             from tqdm import tqdm
 
@@ -115,3 +120,37 @@ class MetricsLogger:
 def _plain(value: Any) -> Optional[float]:
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def read_metrics(run_dir: str | os.PathLike, *, warn: Optional[Callable[[str], None]] = None) -> dict[int, dict[str, Any]]:
+    """A run's metrics.jsonl as {step: record}, in step order; each record holds every key logged at that step.
+
+    A step logged twice (a run resumed from an earlier checkpoint logs the steps after it again) keeps the later
+    value of each key, which is what the resumed run did. A malformed *last* line is skipped (and passed to `warn`):
+    a run that is still writing, or was killed, may have flushed half a line. A malformed line anywhere else, or a
+    file with no record, is a `UserError` naming the file. Non-finite values were written as null and stay None.
+    """
+    path = os.path.join(os.fspath(run_dir), METRICS_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"not found (is {os.fspath(run_dir)} a run directory, and has the run logged a step?)", file=path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    last = max((n for n, line in enumerate(lines, start=1) if line.strip()), default=0)
+    by_step: dict[int, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record.pop("step"))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            if number == last and by_step:
+                if warn is not None:
+                    warn(f"skipping the incomplete last line {number} of {path}")
+                continue
+            raise UserError(f"line {number}: expected a JSON object with a `step`, got {line[:60]!r} ({err})",
+                            file=path) from None
+        by_step.setdefault(step, {}).update(record)
+    if not by_step:
+        raise UserError("holds no metrics records", file=path)
+    return dict(sorted(by_step.items()))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -26,7 +27,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-EXIT_USER_ERROR = 2  # same code as kd.errors.EXIT_USER_ERROR; this script stays importable without kd
+# Let the script run from a source checkout without installing kd.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kd.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from kd.metrics import METRICS_FILE, read_metrics  # noqa: E402
+
 COLUMNS = [  # (metrics.jsonl key, table header, format)
     ("eval/student_nll", "student NLL", "{:.4f}"),
     ("eval/student_ppl", "student ppl", "{:.2f}"),
@@ -35,39 +41,20 @@ COLUMNS = [  # (metrics.jsonl key, table header, format)
 ]
 
 
-class CompareError(Exception):
-    """A problem the user can fix (missing recipe or run, a run that never evaluated)."""
-
-
 def run_dir_name(loss: str) -> str:
     """A directory name for a loss name or dotted path (``pkg.mod.Class`` -> ``pkg.mod.Class``; odd chars -> _)."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", loss)
 
 
-def last_eval(metrics_path: Path) -> tuple[Optional[dict], dict]:
-    """(the step-0 eval record or None, the eval record of the highest step) from a run's metrics.jsonl.
-
-    A line that is not JSON is skipped only when it is the last one (a run killed mid-write); a record logged twice
-    (a resumed run) keeps the later one, as the run's own tools do.
-    """
-    if not metrics_path.is_file():
-        raise CompareError(f"{metrics_path} not found: train the run first (leave out --no-train)")
-    lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    evals: dict[int, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = int(record["step"])
-        except (ValueError, KeyError, TypeError) as err:
-            if number == len(lines):
-                continue
-            raise CompareError(f"{metrics_path}: line {number} is not a metrics record ({err})") from err
-        if "eval/kl" in record:
-            evals[step] = record
+def last_eval(run_dir: Path) -> tuple[Optional[dict], dict]:
+    """(the step-0 eval record or None, the eval record of the highest step) from a run's metrics.jsonl
+    (read by `kd.metrics.read_metrics`: a step logged twice keeps the later values, a cut last line is skipped)."""
+    path = str(run_dir / METRICS_FILE)
+    if not os.path.isfile(path):
+        raise UserError("not found: train the run first (leave out --no-train)", file=path)
+    evals = {step: {"step": step, **record} for step, record in read_metrics(run_dir).items() if "eval/kl" in record}
     if not evals:
-        raise CompareError(f"{metrics_path} holds no eval records (eval/kl); the run must evaluate at its end")
+        raise UserError("holds no eval records (eval/kl); the run must evaluate at its end", file=path)
     return evals.get(0), evals[max(evals)]
 
 
@@ -75,7 +62,7 @@ def table_rows(out_dir: Path, losses: list[str]) -> list[dict]:
     """One row per loss (its final eval), preceded by the step-0 row of the first run that has one."""
     rows, start = [], None
     for loss in losses:
-        first, final = last_eval(out_dir / run_dir_name(loss) / "metrics.jsonl")
+        first, final = last_eval(out_dir / run_dir_name(loss))
         if start is None and first is not None:
             start = {"loss": "(student before training)", "step": 0, **{k: first.get(k) for k, _, _ in COLUMNS}}
         rows.append({"loss": loss, "step": int(final["step"]), **{k: final.get(k) for k, _, _ in COLUMNS}})
@@ -119,9 +106,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = Path(args.out)
     try:
         if not Path(args.recipe).is_file():
-            raise CompareError(f"recipe {args.recipe} not found")
+            raise UserError(f"recipe {args.recipe} not found")
         if len(set(map(run_dir_name, args.losses))) != len(args.losses):
-            raise CompareError(f"--losses names the same run twice: {' '.join(args.losses)}")
+            raise UserError(f"--losses names the same run twice: {' '.join(args.losses)}")
         if not args.no_train:
             for loss in args.losses:
                 cmd = train_command(args.recipe, loss, out_dir, args.overrides, args.nproc)
@@ -131,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     print(f"compare_losses: the {loss} run failed (exit {code})", file=sys.stderr)
                     return code
         rows = table_rows(out_dir, args.losses)
-    except CompareError as err:
+    except UserError as err:
         print(f"compare_losses: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if args.json:

@@ -10,46 +10,32 @@ eval metrics appear only on some lines and are drawn with markers. Needs matplot
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-EXIT_USER_ERROR = 2  # same code as kd.errors.EXIT_USER_ERROR; this script stays importable without kd
+# Let the script run from a source checkout without installing kd.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kd.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from kd.metrics import read_metrics  # noqa: E402
 
 
-class PlotError(Exception):
-    """A problem the user can fix (missing file, malformed line, matplotlib not installed)."""
+def read_series(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Series per metric key: {key: {step: value}}, numeric values only, from `kd.metrics.read_metrics` (a step
+    logged twice keeps the later value; a cut last line is skipped with a warning)."""
+    def warn(message: str) -> None:
+        print(f"plot_run: warning: {message}", file=sys.stderr)
 
-
-def read_metrics(path: Path) -> dict[str, dict[int, float]]:
-    """Series per metric key: {key: {step: value}}, numeric values only.
-
-    A step logged twice (a run resumed from an earlier checkpoint re-logs the steps after it) keeps the later value,
-    which is what the resumed run actually did. A malformed *last* line is skipped with a warning, because a run that
-    is still writing may have flushed half a line; a malformed line anywhere else is an error.
-    """
-    if not path.is_file():
-        raise PlotError(f"{path} not found: pass a run directory that holds metrics.jsonl")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    records = read_metrics(run_dir, warn=warn)
     series: dict[str, dict[int, float]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            step = int(row["step"])
-        except (ValueError, KeyError, TypeError) as err:
-            if number == len(lines) and series:
-                print(f"plot_run: warning: skipping incomplete last line {number} of {path}", file=sys.stderr)
-                continue
-            raise PlotError(f"{path}: line {number}: expected a JSON object with a `step`, got {line[:60]!r} ({err})") from err
-        for key, value in row.items():
-            # bool is an int subclass; flags are not curves.
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+    for step, record in records.items():
+        for key, value in record.items():
+            # bool is an int subclass; flags are not curves. null (a non-finite value) is a gap.
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, {})[step] = float(value)
     if not series:
-        raise PlotError(f"{path} holds no numeric metrics to plot")
+        raise UserError(f"{run_dir} holds no numeric metrics to plot")
     return series
 
 
@@ -70,7 +56,7 @@ def plot(series: dict[str, dict[int, float]], out: Path, title: str) -> None:
     try:
         import matplotlib
     except ImportError as err:
-        raise PlotError("plot_run.py needs matplotlib: pip install matplotlib (or install kd with the `plot` extra)") from err
+        raise UserError("plot_run.py needs matplotlib: pip install matplotlib (or install kd with the `plot` extra)") from err
     matplotlib.use("Agg")  # render to a file; no display needed (clusters, CI)
     import matplotlib.pyplot as plt
 
@@ -102,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.output or args.run_dir / "curves.png"
     try:
-        plot(read_metrics(args.run_dir / "metrics.jsonl"), out, title=str(args.run_dir))
-    except PlotError as err:
+        plot(read_series(args.run_dir), out, title=str(args.run_dir))
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(out)

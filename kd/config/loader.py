@@ -1,12 +1,21 @@
-"""Recipe YAML -> validated `Recipe`, with `key.path=value` overrides and one-line error messages.
+"""Recipe YAML -> validated `Recipe`, with `base:` inheritance, `key.path=value` overrides and one-line errors.
 
 Every way a recipe can be wrong ends in a `UserError` that names the file and the dotted key, e.g.
 ``recipes/x.yaml: loss.temperature: expected a number, got 'hot'``.
+
+Inheritance: a top-level ``base: other.yaml`` (relative to the file that names it) loads that recipe first, itself
+resolved the same way, and merges this file over it. Mappings merge key by key; lists, scalars and ``null`` replace
+what the base had (``null`` is a value like any other: on the keys whose default is null, such as ``loss.trg`` or
+``student.init_from_teacher_layers``, it switches off what the base set; a key whose default is not null cannot be
+reset to its default this way, write the value). Overrides apply last. The merged recipe has no ``base`` key: it is
+what gets validated, and what `dump_recipe` writes into run directories and checkpoints. While merging, the loader
+remembers which file wrote each key, so an error names the file to fix, not just the top recipe.
 """
 from __future__ import annotations
 
+import copy
 import os
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -14,14 +23,76 @@ from pydantic import BaseModel, ValidationError
 from kd.config.schema import Recipe
 from kd.errors import UserError
 
+BASE_KEY = "base"
+KeyPath = tuple[Any, ...]  # a key path into the raw recipe: ("loss", "taid", "alpha")
+Sources = dict[KeyPath, str]  # key path -> the file (or "FILE (with overrides)") that last wrote it
+
 
 def load_recipe(path: str, overrides: Iterable[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file."""
-    raw = read_yaml(path)
-    overrides = list(overrides)
+    """Read a recipe and its base chain, apply overrides, validate."""
+    raw, sources = resolve(path)
     for item in overrides:
-        apply_override(raw, item, file=path)
-    return validate(raw, file=path + (" (with overrides)" if overrides else ""))
+        apply_override(raw, item, file=path + " (with overrides)", sources=sources)
+    return validate(raw, file=path, sources=sources)
+
+
+def resolve(path: str) -> tuple[dict[str, Any], Sources]:
+    """The recipe at `path` merged over its bases (no ``base`` key left), and which file wrote each key path."""
+    merged: dict[str, Any] = {}
+    sources: Sources = {}
+    for file, data in reversed(_chain(path)):  # the root-most base first, `path` last
+        _merge(merged, data, file, (), sources)
+    return merged, sources
+
+
+def _chain(path: str) -> list[tuple[str, dict[str, Any]]]:
+    """[(file, its mapping without ``base``)] from `path` down to the recipe with no base."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    file, data = path, read_yaml(path)
+    while True:
+        base = data.pop(BASE_KEY, None)
+        chain.append((file, data))
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base.strip():
+            raise UserError(f"expected the path of another recipe file, got {base!r}", key=BASE_KEY, file=file)
+        target = os.path.normpath(os.path.join(os.path.dirname(file), os.path.expanduser(base.strip())))
+        seen = [os.path.realpath(f) for f, _ in chain]
+        if os.path.realpath(target) in seen:
+            loop = [f for f, _ in chain[seen.index(os.path.realpath(target)):]] + [target]
+            raise UserError(f"recipes inherit from each other in a cycle: {' -> '.join(loop)}", key=BASE_KEY, file=file)
+        try:
+            data = read_yaml(target)
+        except UserError as e:  # the fix is in `file`'s base line, or in the base file it names
+            raise UserError(f"{target}: {e.message}", key=BASE_KEY, file=file) from None
+        file = target
+
+
+def _merge(dst: dict[str, Any], src: dict[str, Any], file: str, prefix: KeyPath, sources: Sources) -> None:
+    """Merge `src` (written in `file`) over `dst` in place: mappings key by key, anything else replaces."""
+    for key, value in src.items():
+        path = prefix + (key,)
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, file, path, sources)
+        else:
+            dst[key] = copy.deepcopy(value)  # YAML anchors may share objects; later merges must not alias
+            _forget_below(sources, path)
+        sources[path] = file  # the top-most file that mentions a section answers for the section as a whole
+
+
+def _forget_below(sources: Sources, path: KeyPath) -> None:
+    for old in [p for p in sources if len(p) > len(path) and p[:len(path)] == path]:
+        del sources[old]
+
+
+def _source_of(loc: Iterable[Any], sources: Optional[Sources]) -> Optional[str]:
+    """The file that wrote the longest prefix of `loc`, or None (a missing key, an error on the whole recipe)."""
+    loc = tuple(loc)
+    for end in range(len(loc), 0, -1):
+        found = (sources or {}).get(loc[:end])
+        if found is not None:
+            return found
+    return None
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -37,17 +108,24 @@ def read_yaml(path: str) -> dict[str, Any]:
         raise UserError(f"malformed YAML: {where}{problem}", file=path) from None
     except UnicodeDecodeError:
         raise UserError("recipe is not UTF-8 text", file=path) from None
+    except OSError as e:
+        raise UserError(f"cannot read the recipe ({e.strerror or e})", file=path) from None
     if not isinstance(data, dict):
         raise UserError("a recipe must be a mapping of sections (run:, teacher:, ...)", file=path)
     return data
 
 
-def apply_override(raw: dict[str, Any], item: str, *, file: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3`` -> int, ``[0,1]`` -> list)."""
+def apply_override(raw: dict[str, Any], item: str, *, file: str, sources: Optional[Sources] = None) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (``3`` -> int, ``[0,1]`` -> list).
+
+    `file` is what errors about this override name; `sources`, when given, records that it wrote the key.
+    """
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise UserError(f"override {item!r} must look like key.path=value", file=file)
+    if key.split(".")[0] == BASE_KEY:
+        raise UserError("base is read from the recipe file before overrides apply; set it there", key=key, file=file)
     try:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
@@ -62,9 +140,15 @@ def apply_override(raw: dict[str, Any], item: str, *, file: str) -> None:
             raise UserError(f"cannot set {key}: {'.'.join(parts[:depth + 1])} is not a section", key=key, file=file)
         node = child
     node[parts[-1]] = value
+    if sources is not None:
+        _forget_below(sources, tuple(parts))
+        for end in range(1, len(parts) + 1):  # like a file merged on top: it answers for the sections it touched
+            sources[tuple(parts[:end])] = file
 
 
-def validate(raw: dict[str, Any], *, file: str) -> Recipe:
+def validate(raw: dict[str, Any], *, file: str, sources: Optional[Sources] = None) -> Recipe:
+    """Validate a raw (merged, overridden) recipe; an error names the file that wrote the offending key when
+    `sources` knows it, else `file` (the top recipe)."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
@@ -72,7 +156,19 @@ def validate(raw: dict[str, Any], *, file: str) -> Recipe:
         first = errors[0]
         key = ".".join(str(p) for p in first["loc"])
         more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        raise UserError(describe(first) + more, key=key or None, file=file) from None
+        where = _source_of(first["loc"], sources) or file
+        raise UserError(describe(first) + more, key=key or None, file=where) from None
+
+
+# pydantic error type -> what the key wanted, for "expected X, got Y"
+_EXPECTED = {
+    **dict.fromkeys(("float_parsing", "float_type"), "a number"),
+    **dict.fromkeys(("int_parsing", "int_type", "int_from_float"), "an integer"),
+    **dict.fromkeys(("bool_parsing", "bool_type"), "true or false"),
+    "string_type": "a string",
+    **dict.fromkeys(("dict_type", "model_type", "model_attributes_type"), "a section (mapping)"),
+    **dict.fromkeys(("list_type", "tuple_type"), "a list"),
+}
 
 
 def describe(error: dict[str, Any]) -> str:
@@ -84,18 +180,8 @@ def describe(error: dict[str, Any]) -> str:
     if kind == "extra_forbidden":
         valid = _valid_keys(error["loc"][:-1])
         return "unknown key" + (f" (valid keys: {', '.join(valid)})" if valid else "")
-    if kind in ("float_parsing", "float_type"):
-        return f"expected a number, got {shown}"
-    if kind in ("int_parsing", "int_type", "int_from_float"):
-        return f"expected an integer, got {shown}"
-    if kind in ("bool_parsing", "bool_type"):
-        return f"expected true or false, got {shown}"
-    if kind in ("string_type",):
-        return f"expected a string, got {shown}"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return f"expected a section (mapping), got {shown}"
-    if kind in ("list_type", "tuple_type"):
-        return f"expected a list, got {shown}"
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {shown}"
     message = error["msg"]
     for prefix in ("Value error, ", "Assertion failed, "):
         message = message.removeprefix(prefix)
