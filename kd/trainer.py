@@ -8,12 +8,13 @@ every loss token of the step, never a mean of means, however the batch is split 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 
@@ -33,7 +34,7 @@ from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
 from kd.preflight import check_compatible, load_recipe_tokenizer
 from kd.resume import META_FILE, plan_resume
-from kd.teachers import ModelTeacher
+from kd.teachers import ModelTeacher, TeacherOutput
 
 
 class Trainer:
@@ -87,6 +88,12 @@ class Trainer:
         self.skip_update = False
         self._guard_unzeroed_optimizer()
         self.teacher = ModelTeacher(teacher_model, teacher_ds, self.device)
+        # On the fused-linear path the teacher's head also runs inside the loss kernel (its [B, L, V] logits are never
+        # materialized) when its logits are a plain linear head; other teachers hand over their logits.
+        self.teacher_head_in_loss = recipe.loss.fused_linear and self.loss.needs_teacher and self.teacher.has_linear_head
+        if recipe.loss.fused_linear and self.loss.needs_teacher and not self.teacher_head_in_loss:
+            self._log(f"kd: note: teacher {teacher_model.config.model_type!r} has no plain linear head; the fused-linear "
+                      "path takes its materialized logits")
         torch.manual_seed(train.seed + 1000 * self.rank)  # dropout etc. differ per rank from here on
         self.step = 0
         self.sample_index = 0  # global sample index: position of the next training sample in the global order
@@ -165,14 +172,15 @@ class Trainer:
         finite = True
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
-            teacher_out = self.teacher(batch, hidden_states=self.loss.needs_hidden_states, layers=self.loss.teacher_hidden_layers) if self.loss.needs_teacher else None
+            teacher_out = self._teacher_forward(batch)
             dist.synchronize()
             t1 = time.perf_counter()
-            out = LossOutput(**self.engine(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                teacher_logits=teacher_out.logits if teacher_out is not None else None,
-                teacher_hidden=teacher_out.hidden_states if teacher_out is not None else None, step=self.step,
-            ))
+            with self._teacher_head_weight() as teacher_weight:  # gathered (ZeRO-3) only for the loss's forward
+                out = LossOutput(**self.engine(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    teacher_logits=teacher_out.logits, teacher_hidden=teacher_out.hidden_states, step=self.step,
+                    teacher_final_hidden=teacher_out.final_hidden, teacher_head_weight=teacher_weight,
+                ))
             self.engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             dist.synchronize()
             t2 = time.perf_counter()
@@ -211,6 +219,15 @@ class Trainer:
             self._count_nonfinite(scalars)
         scalars["train/skipped_steps"] = self.nonfinite_total
         return scalars
+
+    def _teacher_forward(self, batch: dict[str, torch.Tensor]) -> TeacherOutput:
+        if not self.loss.needs_teacher:
+            return TeacherOutput(logits=None)
+        return self.teacher(batch, hidden_states=self.loss.needs_hidden_states, layers=self.loss.teacher_hidden_layers,
+                            logits=not self.teacher_head_in_loss)
+
+    def _teacher_head_weight(self) -> ContextManager[Optional[torch.Tensor]]:
+        return self.teacher.head_weight() if self.teacher_head_in_loss else contextlib.nullcontext()
 
     def _guard_unzeroed_optimizer(self) -> None:
         """ZeRO optimizers skip a step with a non-finite gradient norm themselves. Without ZeRO, DeepSpeed steps the

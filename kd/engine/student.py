@@ -11,7 +11,8 @@ from typing import Any, Optional
 
 import torch
 
-from kd.losses.base import DistillationLoss, LossInputs, LossOutput
+from kd.losses.base import DistillationLoss, FusedInputs, LossInputs, LossOutput
+from kd.models.heads import LINEAR_HEAD_MODEL_TYPES, has_linear_head
 
 
 def shift(tensor: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
@@ -23,11 +24,6 @@ def shift(tensor: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> O
     return out[..., :vocab_size] if vocab_size is not None else out
 
 
-# Causal LMs whose logits are exactly lm_head(final hidden state): no soft-capping or logit scaling after the head,
-# so the fused-linear path (which applies the head itself) computes the same loss.
-FUSED_LINEAR_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-
-
 class DistillationModule(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, loss: DistillationLoss, vocab_size: int, *, fused_linear: bool = False):
         super().__init__()
@@ -36,7 +32,7 @@ class DistillationModule(torch.nn.Module):
         self.vocab_size = vocab_size
         self.fused_linear = fused_linear
         if fused_linear:
-            _check_fused_linear(student, loss)
+            check_fused_linear(student, loss)
             weight = student.get_output_embeddings().weight
             if hasattr(weight, "ds_id"):
                 # ZeRO-3: the fused loss uses the lm_head weight outside the lm_head module, so DeepSpeed must gather
@@ -53,15 +49,23 @@ class DistillationModule(torch.nn.Module):
         teacher_logits: Optional[torch.Tensor] = None,
         teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None,
         step: int = 0,
+        teacher_final_hidden: Optional[torch.Tensor] = None,
+        teacher_head_weight: Optional[torch.Tensor] = None,
     ) -> dict[str, Any]:
         """The micro-batch's `LossOutput` as a plain dict: DeepSpeed's ZeRO-3 hooks find the tensors of a returned
-        dict (not of a dataclass), and its backward hook is what gathers parameters used outside their module."""
-        out = self._loss_output(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step)
+        dict (not of a dataclass), and its backward hook is what gathers parameters used outside their module.
+
+        The teacher comes as ``teacher_logits`` or, on the fused-linear path, as ``teacher_final_hidden`` +
+        ``teacher_head_weight`` (its head then runs inside the loss kernel); ``teacher_hidden`` are the intermediate
+        hidden states a loss asked for (all unshifted, [B, L, ...])."""
+        if self.fused_linear:
+            out = self._fused_forward(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step,
+                                      teacher_final_hidden, teacher_head_weight)
+        else:
+            out = self._logits_forward(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step)
         return {"loss_sum": out.loss_sum, "num_tokens": out.num_tokens, "terms": out.terms}
 
-    def _loss_output(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step) -> LossOutput:
-        if self.fused_linear:
-            return self._fused_forward(input_ids, attention_mask, labels, teacher_logits)
+    def _logits_forward(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step) -> LossOutput:
         want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         out = self.student(
             input_ids=input_ids,
@@ -69,39 +73,63 @@ class DistillationModule(torch.nn.Module):
             output_hidden_states=list(layers) if want and layers is not None else want,
             use_cache=False,
         )
-        hidden = None
-        if want:  # only the entries the loss names, in its order (see DistillationLoss.student_hidden_layers)
-            hidden = tuple(shift(out.hidden_states[i]) for i in layers) if layers is not None else tuple(shift(h) for h in out.hidden_states)
-        t_hidden = tuple(shift(h) for h in teacher_hidden) if teacher_hidden is not None else None
         return self.loss(
             LossInputs(
                 student_logits=shift(out.logits, self.vocab_size),
                 teacher_logits=shift(teacher_logits, self.vocab_size),
                 labels=labels[:, 1:],
-                student_hidden=hidden,
-                teacher_hidden=t_hidden,
+                student_hidden=self._selected(out.hidden_states) if want else None,
+                teacher_hidden=_shift_all(teacher_hidden),
                 step=step,
             )
         )
 
-
-    def _fused_forward(self, input_ids, attention_mask, labels, teacher_logits) -> LossOutput:
+    def _fused_forward(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step,
+                       teacher_final_hidden, teacher_head_weight) -> LossOutput:
+        # The decoder alone: the student's head runs inside the loss kernel. (Called as a submodule of this module,
+        # so ZeRO-3's hooks gather its parameters; the lm_head weight is registered as external in __init__.)
+        want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         decoder = getattr(self.student, self.student.base_model_prefix)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        weight = self.student.get_output_embeddings().weight
-        return self.loss.fused(shift(hidden), weight, shift(teacher_logits, self.vocab_size), labels[:, 1:], self.vocab_size)
+        if want:  # the final norm output too: it is the last entry of hidden_states
+            selection = list(dict.fromkeys([*layers, -1])) if layers is not None else True
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=selection,
+                          use_cache=False)
+        else:
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.loss.fused(FusedInputs(
+            student_hidden=shift(out.last_hidden_state),
+            student_weight=self.student.get_output_embeddings().weight,
+            labels=labels[:, 1:],
+            vocab_size=self.vocab_size,
+            teacher_logits=shift(teacher_logits, self.vocab_size),
+            teacher_hidden=shift(teacher_final_hidden),
+            teacher_weight=teacher_head_weight,
+            student_layers=self._selected(out.hidden_states) if want else None,
+            teacher_layers=_shift_all(teacher_hidden),
+            step=step,
+        ))
+
+    def _selected(self, hidden_states: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Only the entries the loss names, in its order (see DistillationLoss.student_hidden_layers), shifted."""
+        layers = self.loss.student_hidden_layers
+        return tuple(shift(hidden_states[i]) for i in layers) if layers is not None else _shift_all(hidden_states)
 
 
-def _check_fused_linear(student: torch.nn.Module, loss: DistillationLoss) -> None:
+def _shift_all(tensors: Optional[tuple[torch.Tensor, ...]]) -> Optional[tuple[torch.Tensor, ...]]:
+    return tuple(shift(t) for t in tensors) if tensors is not None else None
+
+
+def check_fused_linear(student: torch.nn.Module, loss: DistillationLoss) -> None:
+    """Refuse ``loss.fused_linear`` for a loss without a fused form or a student whose logits are not a plain head."""
     from kd.errors import UserError
 
-    if not hasattr(loss, "fused") or loss.needs_hidden_states:
-        raise UserError(f"loss {type(loss).__name__} has no fused-linear form (divergence losses and taid do, TRG "
-                        "terms do not); set loss.fused_linear: false", key="loss.fused_linear")
-    model_type = student.config.model_type
-    if model_type not in FUSED_LINEAR_MODEL_TYPES:
-        raise UserError(f"the fused-linear path supports {', '.join(FUSED_LINEAR_MODEL_TYPES)} students (logits = "
-                        f"lm_head(hidden)), not {model_type!r}; set loss.fused_linear: false", key="loss.fused_linear")
+    if not loss.supports_fused:
+        raise UserError(f"loss {type(loss).__name__} has no fused-linear form (the divergences and taid have, with or "
+                        "without loss.trg); set loss.fused_linear: false", key="loss.fused_linear")
+    if not has_linear_head(student):
+        raise UserError(f"the fused-linear path needs a student whose logits are lm_head(final hidden state) "
+                        f"({', '.join(LINEAR_HEAD_MODEL_TYPES)}), not {student.config.model_type!r}; set "
+                        "loss.fused_linear: false", key="loss.fused_linear")
 
 
 def lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float):

@@ -5,12 +5,13 @@
     out = loss(LossInputs(student_logits, teacher_logits, labels))
     # out.loss_sum / out.terms are sums; the trainer divides by the global loss-token count of the step
 """
-from kd.losses.base import DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum
+from kd.losses.base import (DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, loss_token_mask,
+                            masked_sum)
 from kd.losses.divergence import CrossEntropyLoss, DivergenceLoss
 from kd.losses.functional import DIVERGENCES, IGNORE_INDEX
 from kd.losses.registry import build_loss, valid_names
 
 __all__ = [
-    "DIVERGENCES", "IGNORE_INDEX", "CrossEntropyLoss", "DistillationLoss", "DivergenceLoss", "LossContext", "LossInputs",
+    "DIVERGENCES", "IGNORE_INDEX", "CrossEntropyLoss", "DistillationLoss", "DivergenceLoss", "FusedInputs", "LossContext", "LossInputs",
     "LossOutput", "build_loss", "loss_token_mask", "masked_sum", "valid_names",
 ]

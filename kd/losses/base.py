@@ -33,6 +33,27 @@ class LossInputs:
     step: int = 0  # optimizer step, for losses with schedules
 
 
+@dataclass
+class FusedInputs:
+    """What the trainer hands a loss on the fused-linear path (``loss.fused_linear: true``) for one micro-batch: the
+    final hidden states and lm_head weights instead of logits, already shifted against ``labels``.
+
+    The teacher side is either ``teacher_hidden`` + ``teacher_weight`` (its lm_head runs inside the loss kernel, one
+    block of rows at a time) or ``teacher_logits`` (a teacher whose logits are not a plain linear head).
+    """
+
+    student_hidden: Tensor  # [B, L, Hs] final (post-norm) hidden states, requires grad
+    student_weight: Tensor  # [V', Hs] the student's lm_head weight (gathered when it is a ZeRO-3 shard)
+    labels: Tensor  # [B, L] next-token ids, IGNORE_INDEX (-100) where no loss
+    vocab_size: int  # logits past this row of either lm_head (padding) are not part of the loss
+    teacher_hidden: Optional[Tensor] = None  # [B, L, Ht], no grad
+    teacher_weight: Optional[Tensor] = None  # [V'', Ht], no grad
+    teacher_logits: Optional[Tensor] = None  # [B, L, V''], no grad
+    student_layers: Optional[tuple[Tensor, ...]] = None  # intermediate hidden states, as in LossInputs.student_hidden
+    teacher_layers: Optional[tuple[Tensor, ...]] = None
+    step: int = 0
+
+
 @dataclass(frozen=True)
 class LossContext:
     """Facts about the run a loss may need when it is built (sizes for a projector, the schedule length).
@@ -90,10 +111,16 @@ class DistillationLoss(torch.nn.Module):
     # None = all of them. The teacher captures only these (transformers keeps just the selected layers' outputs).
     student_hidden_layers: Optional[tuple[int, ...]] = None
     teacher_hidden_layers: Optional[tuple[int, ...]] = None
+    # True: `fused` computes the same loss from hidden states and lm_head weights (the loss.fused_linear path).
+    supports_fused: bool = False
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         """Return the micro-batch's loss sum, loss-token count and per-term sums (see `LossOutput`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs) -> LossOutput")
+
+    def fused(self, inputs: FusedInputs) -> LossOutput:  # pragma: no cover - abstract
+        """The loss of `forward` from `FusedInputs` (only for losses that set ``supports_fused``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fused-linear form")
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Called once per optimizer step (never during eval) after the step, with globally reduced metrics.
@@ -117,3 +144,21 @@ def mix_with_ce(name: str, div_sum: Tensor, inputs: "LossInputs", mask: Tensor, 
         terms["ce"] = ce_sum.detach()
         loss_sum = (1.0 - ce_weight) * div_sum + ce_weight * ce_sum
     return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
+
+
+def fused_mix_with_ce(name: str, inputs: FusedInputs, *, divergence: str, temperature: float, ce_weight: float,
+                      kernel: str, **divergence_kwargs) -> LossOutput:
+    """`mix_with_ce` on the fused-linear path: ``(1 - w) * divergence + w * CE`` summed over loss tokens by
+    `kd.ops.fused_linear_divergence` (the CE comes out of the same pass over each block of logits, so it is free)."""
+    from kd.ops import fused_linear_divergence
+
+    mask = loss_token_mask(inputs.labels)
+    out = fused_linear_divergence(
+        inputs.student_hidden, inputs.student_weight, mask, inputs.labels, teacher_hidden=inputs.teacher_hidden,
+        teacher_weight=inputs.teacher_weight, teacher_logits=inputs.teacher_logits, divergence=divergence,
+        temperature=temperature, ce_weight=ce_weight, vocab_size=inputs.vocab_size,
+        backend="torch" if kernel == "eager" else kernel, **divergence_kwargs)
+    terms = {name: out.kd_sum}
+    if ce_weight > 0.0:
+        terms["ce"] = out.ce_sum
+    return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)

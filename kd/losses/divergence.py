@@ -13,9 +13,10 @@ from __future__ import annotations
 import inspect
 
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss, LossInputs, LossOutput, loss_token_mask, masked_sum, mix_with_ce
+from kd.losses.base import (DistillationLoss, FusedInputs, LossInputs, LossOutput, fused_mix_with_ce, loss_token_mask,
+                            masked_sum, mix_with_ce)
 from kd.losses.functional import DIVERGENCES, cross_entropy
-from kd.ops import dense_divergence, fused_linear_divergence
+from kd.ops import dense_divergence
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
@@ -43,6 +44,7 @@ class DivergenceLoss(DistillationLoss):
 
     needs_teacher = True
     needs_hidden_states = False
+    supports_fused = True
 
     def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, kernel: str = "auto",
                  **divergence_kwargs: float):
@@ -74,18 +76,11 @@ class DivergenceLoss(DistillationLoss):
                                          temperature=self.temperature, backend=self.kernel, **self.divergence_kwargs)
         return mix_with_ce("kd", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
 
-    def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
-        """The same loss from the student's final hidden states and lm_head weight (`kd.ops.fused_linear_divergence`:
-        the student's logits exist only a block of rows at a time)."""
-        mask = loss_token_mask(labels)
-        out = fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_logits=teacher_logits,
-                                      divergence=self.divergence, temperature=self.temperature,
-                                      ce_weight=self.ce_weight, vocab_size=vocab_size,
-                                      backend="torch" if self.kernel == "eager" else self.kernel, **self.divergence_kwargs)
-        terms = {"kd": out.kd_sum}
-        if self.ce_weight > 0.0:
-            terms["ce"] = out.ce_sum
-        return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
+    def fused(self, inputs: FusedInputs) -> LossOutput:
+        """The same loss from hidden states and lm_head weights (`kd.ops.fused_linear_divergence`: the logits exist
+        only a block of rows at a time)."""
+        return fused_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
+                                 ce_weight=self.ce_weight, kernel=self.kernel, **self.divergence_kwargs)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.divergence_kwargs.items())

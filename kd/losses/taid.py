@@ -46,10 +46,10 @@ from typing import Any
 
 from kd.config.schema import LossConfig
 from kd.errors import UserError
-from kd.losses.base import (DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask, masked_sum,
-                            mix_with_ce)
-from kd.losses.functional import cross_entropy, taid_kl
-from kd.ops import dense_divergence, fused_linear_divergence
+from kd.losses.base import (DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, fused_mix_with_ce,
+                            loss_token_mask, masked_sum, mix_with_ce)
+from kd.losses.functional import taid_kl
+from kd.ops import dense_divergence
 
 # Guard of the relative change against J_prev = 0, as in the paper.
 _EPS = 1e-15
@@ -75,6 +75,7 @@ class TAIDLoss(DistillationLoss):
 
     needs_teacher = True
     needs_hidden_states = False
+    supports_fused = True
     # The metric on_step_end reads J from: the trainer logs term "taid" as "train/taid" (global token mean).
     J_KEY = "train/taid"
 
@@ -111,17 +112,10 @@ class TAIDLoss(DistillationLoss):
                                          temperature=self.temperature, taid_t=self.t, backend=self.kernel)
         return mix_with_ce("taid", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
 
-    def fused(self, student_hidden, student_weight, teacher_logits, labels, vocab_size: int) -> LossOutput:
-        """TAID from the student's final hidden states and lm_head weight (kd.ops.fused_linear_divergence, taid_t)."""
-        mask = loss_token_mask(labels)
-        out = fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_logits=teacher_logits,
-                                      divergence="forward_kl", temperature=self.temperature, taid_t=self.t,
-                                      ce_weight=self.ce_weight, vocab_size=vocab_size,
-                                      backend="torch" if self.kernel == "eager" else self.kernel)
-        terms = {"taid": out.kd_sum}
-        if self.ce_weight > 0.0:
-            terms["ce"] = out.ce_sum
-        return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
+    def fused(self, inputs: FusedInputs) -> LossOutput:
+        """TAID from hidden states and lm_head weights (`kd.ops.fused_linear_divergence` with ``taid_t``)."""
+        return fused_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
+                                 ce_weight=self.ce_weight, kernel=self.kernel, taid_t=self.t)
 
     # ------------------------------------------------------------------ schedule
     def t_linear(self, step: int) -> float:

@@ -1,10 +1,12 @@
 """One frozen Hugging Face model as the teacher: an inference-only DeepSpeed ZeRO-3 engine or a plain replica."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from kd.models.heads import has_linear_head
 from kd.teachers.base import TeacherOutput
 
 
@@ -31,23 +33,46 @@ class ModelTeacher:
     def vocab_size(self) -> int:
         return self._vocab_size
 
+    @property
+    def has_linear_head(self) -> bool:
+        return has_linear_head(self.module)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, torch.Tensor], *, hidden_states: bool = False,
-                 layers: Optional[Sequence[int]] = None) -> TeacherOutput:
+                 layers: Optional[Sequence[int]] = None, logits: bool = True) -> TeacherOutput:
         """Teacher logits, plus its hidden states when asked: all of them, or only the entries ``layers`` names (in
         that order). transformers >= 5 takes the index list in ``output_hidden_states`` and keeps only those layers'
-        outputs, so a loss reading one layer of a 32-layer teacher never holds the other 32 [B, L, H] tensors."""
+        outputs, so a loss reading one layer of a 32-layer teacher never holds the other 32 [B, L, H] tensors.
+
+        ``logits=False``: the final hidden states instead of the logits. The model still runs whole (under ZeRO-3 the
+        engine's forward is what drives the parameter gathering), with ``logits_to_keep=1`` so its head computes one
+        position per sequence instead of the [B, L, V] logits."""
         forward = self.engine if self.engine is not None else self.module
         select = hidden_states and layers is not None
-        out = forward(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=list(layers) if select else hidden_states,
-            use_cache=False,
-        )
-        if not hidden_states:
-            return TeacherOutput(logits=out.logits)
-        # With a selection the tuple still has one slot per layer (None where not kept); models without output
-        # capturing return them all. Indexing serves both.
-        hidden = tuple(out.hidden_states[i] for i in layers) if select else out.hidden_states
-        return TeacherOutput(logits=out.logits, hidden_states=hidden)
+        wanted: Any = list(layers) if select else hidden_states
+        extra = {}
+        if not logits:
+            # the last entry of hidden_states is the final-norm output (checked by tests/unit/teachers)
+            wanted = list(dict.fromkeys([*(layers if select else range(self.module.config.num_hidden_layers + 1)), -1]))
+            extra["logits_to_keep"] = 1
+        out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=wanted, use_cache=False, **extra)
+        hidden = None
+        if hidden_states:
+            # With a selection the tuple still has one slot per layer (None where not kept); models without output
+            # capturing return them all. Indexing serves both.
+            hidden = tuple(out.hidden_states[i] for i in layers) if select else out.hidden_states
+        if logits:
+            return TeacherOutput(logits=out.logits, hidden_states=hidden)
+        return TeacherOutput(logits=None, hidden_states=hidden, final_hidden=out.hidden_states[-1])
+
+    @contextlib.contextmanager
+    def head_weight(self) -> Iterator[torch.Tensor]:
+        weight = self.module.get_output_embeddings().weight
+        if not hasattr(weight, "ds_id"):
+            yield weight
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+            yield weight

@@ -29,7 +29,7 @@ import torch
 
 from kd.config.schema import TRGConfig
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss, LossContext, LossInputs, LossOutput, loss_token_mask
+from kd.losses.base import DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, loss_token_mask
 from kd.losses.trg.terms import (contextual_loss, gather_nodes, global_contrastive_loss, local_graph_loss, normalize,
                                  sample_nodes)
 
@@ -91,25 +91,38 @@ class TRGLoss(DistillationLoss):
         progress = min(1.0, max(0.0, step / max(1, self.total_steps - 1)))
         return self.cfg.tau_start + (self.cfg.tau_end - self.cfg.tau_start) * progress
 
+    @property
+    def supports_fused(self) -> bool:  # the TRG terms read hidden states, which the fused path has too
+        return self.logit_loss.supports_fused
+
     def forward(self, inputs: LossInputs) -> LossOutput:
         """The logit loss's output with the weighted TRG sums added to ``loss_sum`` and the TRG terms to ``terms``."""
-        out = self.logit_loss(inputs)
+        return self._add_terms(self.logit_loss(inputs), inputs.labels, inputs.student_hidden, inputs.teacher_hidden,
+                               inputs.step)
+
+    def fused(self, inputs: FusedInputs) -> LossOutput:
+        """The same on the fused-linear path: the logit loss's fused form plus the TRG terms on the selected layers."""
+        return self._add_terms(self.logit_loss.fused(inputs), inputs.labels, inputs.student_layers,
+                               inputs.teacher_layers, inputs.step)
+
+    def _add_terms(self, out: LossOutput, labels: torch.Tensor, student_hidden, teacher_hidden,
+                   step: int) -> LossOutput:
         pairs = len(self.student_hidden_layers)
-        if inputs.student_hidden is None or inputs.teacher_hidden is None:
+        if student_hidden is None or teacher_hidden is None:
             raise ValueError("TRG needs student_hidden and teacher_hidden (the trainer must request hidden states)")
-        if len(inputs.student_hidden) != pairs or len(inputs.teacher_hidden) != pairs:
-            raise ValueError(f"TRG expects {pairs} hidden state(s) per model, got {len(inputs.student_hidden)} "
-                             f"(student) and {len(inputs.teacher_hidden)} (teacher)")
+        if len(student_hidden) != pairs or len(teacher_hidden) != pairs:
+            raise ValueError(f"TRG expects {pairs} hidden state(s) per model, got {len(student_hidden)} "
+                             f"(student) and {len(teacher_hidden)} (teacher)")
         cfg = self.cfg
-        idx, valid, weight = sample_nodes(loss_token_mask(inputs.labels), cfg.nodes_per_sequence)
+        idx, valid, weight = sample_nodes(loss_token_mask(labels), cfg.nodes_per_sequence)
         flat_valid, flat_weight = valid.flatten(), weight.flatten()
-        tau = self.tau(inputs.step)
+        tau = self.tau(step)
         sums: dict[str, torch.Tensor] = {}
 
         def add(name: str, value: torch.Tensor) -> None:
             sums[name] = sums[name] + value if name in sums else value
 
-        for p, (h_s, h_t) in enumerate(zip(inputs.student_hidden, inputs.teacher_hidden)):
+        for p, (h_s, h_t) in enumerate(zip(student_hidden, teacher_hidden)):
             x_s = gather_nodes(h_s, idx)  # [B, M, d_s], only the sampled tokens leave the [B, L, H] tensors
             z_s, z_t = normalize(x_s), normalize(gather_nodes(h_t.detach(), idx))
             if cfg.context_weight > 0.0:

@@ -1,0 +1,116 @@
+"""The fused-linear path of DistillationModule (student and teacher heads inside the loss kernel) computes the same
+loss and student gradients as the logits path, for a divergence + CE, TAID and TRG on mapped layers; and refuses
+what it cannot compute exactly. Single process, tiny random models, no DeepSpeed."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kd.config.schema import LossConfig, TRGConfig
+from kd.engine.student import DistillationModule
+from kd.errors import UserError
+from kd.losses import LossContext, build_loss
+from kd.models.heads import has_linear_head
+from kd.teachers import ModelTeacher
+
+V_STUDENT, V_TEACHER, VOCAB = 97, 101, 97  # the teacher's head is padded past the shared vocabulary
+
+
+def tiny_llama(layers: int, hidden: int, vocab: int, *, tied: bool, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg)
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0  # a padded tail
+    labels = ids.clone()
+    labels[0, :4] = -100  # a prompt
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def run(module: DistillationModule, teacher: ModelTeacher, b: dict, *, fused: bool) -> tuple[dict, dict]:
+    """One forward + backward; returns the output dict and the student's gradients."""
+    loss = module.loss
+    out_t = teacher(b, hidden_states=loss.needs_hidden_states, layers=loss.teacher_hidden_layers, logits=not fused)
+    torch.manual_seed(123)  # TRG samples its graph nodes from torch's RNG
+    with teacher.head_weight() as w_t:
+        out = module(b["input_ids"], b["attention_mask"], b["labels"], teacher_logits=out_t.logits,
+                     teacher_hidden=out_t.hidden_states, teacher_final_hidden=out_t.final_hidden,
+                     teacher_head_weight=w_t if fused else None, step=3)
+    module.zero_grad(set_to_none=True)
+    out["loss_sum"].backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+CASES = {
+    "jsd+ce": LossConfig(name="jsd", beta=0.3, ce_weight=0.25, temperature=1.7),
+    "reverse_kl": LossConfig(name="reverse_kl"),
+    "taid": LossConfig(name="taid", ce_weight=0.1),
+    "trg_mapped": LossConfig(name="forward_kl", trg=TRGConfig(layers="mapped", nodes_per_sequence=4, k=2)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_path_matches_logits_path(case, tied):
+    teacher_model = tiny_llama(3, 48, V_TEACHER, tied=tied, seed=1)
+    student = tiny_llama(2, 32, V_STUDENT, tied=tied, seed=2)
+    ctx = LossContext(total_steps=10, student_hidden_size=32, teacher_hidden_size=48, student_num_layers=2,
+                      teacher_num_layers=3)
+    torch.manual_seed(5)
+    loss = build_loss(CASES[case], ctx)
+    teacher = ModelTeacher(teacher_model, None, torch.device("cpu"))
+    assert teacher.has_linear_head
+    b = batch()
+    dense = DistillationModule(student, loss, VOCAB)
+    fused = DistillationModule(copy.deepcopy(student), copy.deepcopy(loss), VOCAB, fused_linear=True)
+    out_d, grads_d = run(dense, teacher, b, fused=False)
+    out_f, grads_f = run(fused, teacher, b, fused=True)
+    assert int(out_f["num_tokens"]) == int(out_d["num_tokens"]) == int((b["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(out_f["loss_sum"], out_d["loss_sum"], rtol=1e-5, atol=1e-5)
+    assert out_f["terms"].keys() == out_d["terms"].keys()
+    for name in out_d["terms"]:
+        torch.testing.assert_close(out_f["terms"][name], out_d["terms"][name], rtol=1e-5, atol=1e-5)
+    assert grads_f.keys() == grads_d.keys()
+    head = "student.model.embed_tokens.weight" if tied else "student.lm_head.weight"
+    assert head in grads_d
+    for name, g in grads_d.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_teacher_final_hidden_times_head_gives_its_logits():
+    model = tiny_llama(3, 48, V_TEACHER, tied=True, seed=1)
+    teacher = ModelTeacher(model, None, torch.device("cpu"))
+    b = batch(1)
+    logits = teacher(b).logits
+    out = teacher(b, hidden_states=True, layers=(1, -1), logits=False)
+    assert out.logits is None and len(out.hidden_states) == 2
+    with teacher.head_weight() as w:
+        torch.testing.assert_close(out.final_hidden @ w.t(), logits, rtol=1e-5, atol=1e-5)
+    full = teacher(b, hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[0], full.hidden_states[1])
+    torch.testing.assert_close(out.hidden_states[1], full.hidden_states[-1])
+
+
+def test_fused_path_refuses_what_it_cannot_compute():
+    student = tiny_llama(2, 32, V_STUDENT, tied=False, seed=2)
+    with pytest.raises(UserError, match="no fused-linear form"):
+        DistillationModule(student, build_loss(LossConfig(name="ce")), VOCAB, fused_linear=True)
+    torch.manual_seed(0)
+    biased = Qwen2ForCausalLM(Qwen2Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    assert has_linear_head(biased)
+    biased.lm_head = torch.nn.Linear(32, 97, bias=True)  # a head with a bias is not logits = h @ W^T
+    assert not has_linear_head(biased)
+    with pytest.raises(UserError, match="lm_head"):
+        DistillationModule(biased, build_loss(LossConfig(name="forward_kl")), VOCAB, fused_linear=True)
