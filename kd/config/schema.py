@@ -121,7 +121,7 @@ class LossConfig(Section):
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="skew_kl / skew_reverse_kl: skew weight of the mixture (DistiLLM).")
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to a custom (dotted-path) loss.")
     kernel: Literal["auto", "triton", "torch", "eager"] = Field("auto", description="auto: fused Triton kernels on CUDA, the chunked PyTorch path elsewhere; triton / torch force one; eager: the plain reference formulas.")
-    fused_linear: bool = Field(False, description="Compute the student's lm_head inside the loss kernel (kd.ops.fused_linear_divergence): the student's N x V logits are never materialized. Divergence losses and taid; Llama/Qwen/Mistral-style heads.")
+    fused_linear: bool = Field(False, description="Compute the student's and the teacher's lm_heads inside the loss kernel (kd.ops.fused_linear_divergence), a block of rows at a time: neither model's N x V logits are materialized. Divergence losses and taid, with or without trg; Llama/Qwen/Mistral-style heads (a teacher without one hands over its logits).")
     taid: TAIDConfig = Field(default_factory=TAIDConfig, description="TAID schedule (used when name is taid).")
     trg: Optional[TRGConfig] = Field(None, description="Add token-relationship-graph terms on hidden states on top of the logit loss (unset = off).")
 
