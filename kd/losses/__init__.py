@@ -9,9 +9,19 @@ from kd.losses.base import (DistillationLoss, FusedInputs, LossContext, LossInpu
                             masked_sum)
 from kd.losses.divergence import CrossEntropyLoss, DivergenceLoss
 from kd.losses.functional import DIVERGENCES, IGNORE_INDEX
-from kd.losses.registry import build_loss, valid_names
+
 
 __all__ = [
-    "DIVERGENCES", "IGNORE_INDEX", "CrossEntropyLoss", "DistillationLoss", "DivergenceLoss", "FusedInputs", "LossContext", "LossInputs",
-    "LossOutput", "build_loss", "loss_token_mask", "masked_sum", "valid_names",
+    "DIVERGENCES", "IGNORE_INDEX", "CrossEntropyLoss", "DistillationLoss", "DivergenceLoss", "FusedInputs", "LossContext",
+    "LossInputs", "LossOutput", "build_loss", "loss_token_mask", "masked_sum", "valid_names",
 ]
+
+
+def __getattr__(name: str):
+    # The registry imports the recipe schema (pydantic); loaded on first use so that the kernels and the eager
+    # losses import with torch alone (tools/bench_kernels.py on a bare GPU machine).
+    if name in ("build_loss", "valid_names"):
+        from kd.losses import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module 'kd.losses' has no attribute {name!r}")

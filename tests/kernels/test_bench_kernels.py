@@ -40,3 +40,16 @@ def test_default_configs_refuse_to_run_without_a_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit, match="tiny"):
         bench.main(["--no-compile"])
+
+
+def test_kernels_import_without_the_training_stack():
+    """The GPU machines that run the benchmark may have torch + triton only: kd.ops and the eager losses must not
+    pull in pydantic (the recipe schema), deepspeed, transformers or datasets."""
+    import subprocess
+    import sys
+
+    code = ("import sys, kd.ops, kd.losses.functional, kd.losses.chunked; "
+            "print(sorted(m for m in ('pydantic', 'deepspeed', 'transformers', 'datasets', 'yaml') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=BENCH.parents[1])
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
