@@ -1,4 +1,4 @@
-"""`kd train | validate | export`: parse arguments, then call into the package.
+"""`kd train | validate | eval | export`: parse arguments, then call into the package.
 
 `kd train` validates the recipe, prepares packaged assets once (so ranks never race to download), and then starts the
 real `deepspeed` launcher with launchers/train.py on each rank: the same path a GPU cluster uses.
@@ -28,6 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("validate", help="check a recipe without training")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.path=value")
+    p = sub.add_parser("eval", help="evaluate a student against the teacher on held-out data (one process)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--student", default=None, help="exported model dir, checkpoints dir or step_* tag "
+                   "(default: the newest checkpoint of run.output_dir)")
+    p.add_argument("--untrained", action="store_true", help="evaluate the student as the recipe builds it (baseline)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics to this JSON file")
+    p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate at most N micro-batches")
+    p.add_argument("--split", choices=["eval", "train"], default="eval", help="data split to evaluate on")
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
     p.add_argument("checkpoints")
     p.add_argument("out_dir")
@@ -45,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
             return validate(args.recipe, args.overrides)
         if args.command == "train":
             return train(args.recipe, args.overrides, nproc=args.nproc, master_port=args.master_port)
+        if args.command == "eval":
+            from kd.evaluate import run
+
+            run(args.recipe, args.overrides, student=args.student, untrained=args.untrained, json_out=args.json,
+                max_batches=args.max_batches, split=args.split)
+            return 0
         if args.command == "export":
             from kd.export import export
 

@@ -99,7 +99,7 @@ def load_student_state_dict(checkpoint_dir: Path, tag: str) -> dict:
     return student
 
 
-def _build_model(meta: Path, state: dict, dtype: str | None):
+def build_model(meta: Path, state: dict, dtype: str | None):
     """Instantiate the student from its config and load `state` strictly; returns the model in the export dtype."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -166,7 +166,7 @@ def export_checkpoint(checkpoint_dir: str, out_dir: str, *, tag: str | None = No
     meta = ckpt / tag / META_DIR
     if not (meta / "config.json").is_file():
         raise UserError(f"{meta} has no config.json: this checkpoint was not written by kd, cannot rebuild the student")
-    model = _build_model(meta, load_student_state_dict(ckpt, tag), dtype)
+    model = build_model(meta, load_student_state_dict(ckpt, tag), dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -19,7 +19,7 @@ from typing import Any, ContextManager, Optional
 import torch
 
 import kd
-from kd import checkpoint
+from kd import checkpoint, evaluate
 from kd.assets import resolve
 from kd.config.loader import dump_recipe
 from kd.config.schema import Recipe
@@ -29,7 +29,6 @@ from kd.engine import safe_load
 from kd.engine.ds_config import merge, student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
 from kd.losses import LossContext, LossOutput, build_loss
-from kd.losses import functional as F
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
 from kd.preflight import check_compatible, load_recipe_tokenizer
@@ -264,38 +263,25 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
         """Held-out metrics over loss tokens of the whole eval split: student/teacher perplexity, KL(teacher||student)
-        at temperature 1, top-1 agreement. Every rank runs the same number of forwards (a ZeRO-3 forward is a
-        collective); `eval_batches` pads a short share with a weightless sample."""
+        at temperature 1, top-1 agreement (formulas: kd.evaluate, shared with `kd eval`). Every rank runs the same
+        number of forwards (a ZeRO-3 forward is a collective); `eval_batches` pads a short share with a weightless
+        sample. Sums are all-reduced once, then divided by the global token count."""
         if self.eval_ds is None or len(self.eval_ds) == 0:
             return {}
         student = self.engine.module.student
         student.eval()
-        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(evaluate.SUM_FIELDS), dtype=torch.float64, device=self.device)
         for samples in eval_batches(self.eval_ds, rank=self.rank, world_size=self.world,
                                     micro_batch_size=self.recipe.train.micro_batch_size,
                                     max_batches=self.recipe.eval.max_batches):
             batch = self._batch(samples)
-            t_logits = shift(self.teacher(batch).logits, self.vocab_size).float()
-            s_logits = shift(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits, self.vocab_size).float()
-            labels = batch["labels"][:, 1:]
-            mask = labels != -100
-            sums += torch.stack([
-                (F.cross_entropy(s_logits, labels) * mask).sum(),
-                (F.cross_entropy(t_logits, labels) * mask).sum(),
-                (F.forward_kl(s_logits, t_logits) * mask).sum(),
-                ((s_logits.argmax(-1) == t_logits.argmax(-1)) & mask).sum(),
-                mask.sum(),
-            ]).to(torch.float64)
+            t_logits = self.teacher(batch).logits
+            s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            # logits stay in the model dtype: batch_sums upcasts one bounded block of rows at a time
+            sums += evaluate.batch_sums(shift(s_logits, self.vocab_size), shift(t_logits, self.vocab_size),
+                                        batch["labels"][:, 1:])
         student.train()
-        s_nll, t_nll, kl, agree, tokens = _finish(sums)
-        scalars = {
-            "eval/student_ppl": math.exp(min(s_nll, 50.0)),
-            "eval/teacher_ppl": math.exp(min(t_nll, 50.0)),
-            "eval/kl": kl,
-            "eval/top1_agreement": agree,
-            "eval/student_nll": s_nll,
-            "eval/tokens": tokens,
-        }
+        scalars = evaluate.finish(dist.all_reduce_sum(sums))
         self.metrics.log_eval(self.step, scalars)
         return scalars
 
@@ -403,10 +389,3 @@ class Trainer:
 
 class TrainingDiverged(Exception):
     """Too many consecutive non-finite steps; the run stops without writing a checkpoint."""
-
-
-def _finish(sums: torch.Tensor) -> tuple[float, float, float, float, float]:
-    total = dist.all_reduce_sum(sums)
-    tokens = max(float(total[4]), 1.0)
-    s_nll, t_nll, kl, agree = (total[:4] / tokens).tolist()
-    return s_nll, t_nll, kl, agree, float(total[4])
