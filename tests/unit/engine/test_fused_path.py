@@ -114,3 +114,23 @@ def test_fused_path_refuses_what_it_cannot_compute():
     assert not has_linear_head(biased)
     with pytest.raises(UserError, match="lm_head"):
         DistillationModule(biased, build_loss(LossConfig(name="forward_kl")), VOCAB, fused_linear=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("case", ["jsd+ce", "taid"])
+def test_fused_path_matches_logits_path_bf16_on_gpu(case):
+    """The same on CUDA in bf16 through the Triton kernels (tolerances of bf16 logits and gradients)."""
+    device = torch.device("cuda")
+    teacher_model = tiny_llama(3, 48, V_TEACHER, tied=False, seed=1).to(device, torch.bfloat16)
+    student = tiny_llama(2, 32, V_STUDENT, tied=True, seed=2).to(device, torch.bfloat16)
+    loss = build_loss(CASES[case], LossContext(total_steps=10))
+    teacher = ModelTeacher(teacher_model, None, device)
+    b = {k: v.to(device) for k, v in batch().items()}
+    dense = DistillationModule(student, loss, VOCAB)
+    fused = DistillationModule(copy.deepcopy(student), copy.deepcopy(loss), VOCAB, fused_linear=True)
+    out_d, grads_d = run(dense, teacher, b, fused=False)
+    out_f, grads_f = run(fused, teacher, b, fused=True)
+    torch.testing.assert_close(out_f["loss_sum"], out_d["loss_sum"], rtol=2e-2, atol=2e-2)
+    for name, g in grads_d.items():
+        torch.testing.assert_close(grads_f[name].float(), g.float(), rtol=5e-2, atol=5e-3, msg=name)
