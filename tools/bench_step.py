@@ -39,7 +39,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 # Let the script run from a source checkout without installing kd.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -70,22 +70,27 @@ class TeacherThenCE(CrossEntropyLoss):
 
 
 class PhaseClock:
-    """Forward hooks on the trained module and its student that record the loss's share of each micro-batch.
+    """Forward hooks on the trained module, its student and the student's decoder that record the loss's share of
+    each micro-batch.
 
-    Per micro-batch: t_logits (student forward done), t_loss (loss sums out of the module), then in backward t_bwd (the
-    gradient reaches the loss sum) and t_grad_logits (it reaches the student's logits). loss forward = t_loss -
-    t_logits, loss backward = t_grad_logits - t_bwd. Each mark synchronizes the accelerator first, so asynchronous
-    GPU kernels are charged to the phase that launched them.
+    Per micro-batch: t_out (the student's output is ready: its logits, or on the fused-linear path the decoder's final
+    hidden states, since the lm_heads run inside the loss there), t_loss (loss sums out of the module), then in
+    backward t_bwd (the gradient reaches the loss sum) and the moment it reaches that output. loss forward = t_loss -
+    t_out, loss backward = the difference of the two backward marks. Each mark synchronizes the accelerator first, so
+    asynchronous GPU kernels are charged to the phase that launched them.
     """
 
     def __init__(self, module: torch.nn.Module, student: torch.nn.Module, synchronize):
         self._sync = synchronize
         self.loss_fwd = 0.0
         self.loss_bwd = 0.0
-        self._t_logits = 0.0
-        self._t_bwd = 0.0
+        self._t_out = 0.0
+        self._t_bwd: Optional[float] = None
+        decoder = getattr(student, student.base_model_prefix)
+        # On the logits path both hooks fire, the student's last: its logits are the output that counts.
         self._handles = [
-            student.register_forward_hook(self._student_done),
+            decoder.register_forward_hook(lambda _m, _i, out: self._output_ready(out.last_hidden_state)),
+            student.register_forward_hook(lambda _m, _i, out: self._output_ready(out.logits)),
             module.register_forward_hook(self._loss_done),
         ]
 
@@ -93,13 +98,13 @@ class PhaseClock:
         self._sync()
         return time.perf_counter()
 
-    def _student_done(self, _module, _inputs, output) -> None:
-        self._t_logits = self._now()
-        if output.logits.requires_grad:
-            output.logits.register_hook(self._grad_at_logits)
+    def _output_ready(self, tensor: torch.Tensor) -> None:
+        self._t_out = self._now()
+        if tensor.requires_grad:
+            tensor.register_hook(self._grad_at_output)
 
     def _loss_done(self, _module, _inputs, output) -> None:
-        self.loss_fwd += self._now() - self._t_logits
+        self.loss_fwd += self._now() - self._t_out
         loss_sum = output["loss_sum"]  # DistillationModule returns the LossOutput fields as a dict
         if loss_sum.requires_grad:
             loss_sum.register_hook(self._backward_starts)
@@ -107,8 +112,10 @@ class PhaseClock:
     def _backward_starts(self, grad: torch.Tensor) -> None:
         self._t_bwd = self._now()
 
-    def _grad_at_logits(self, grad: torch.Tensor) -> None:
-        self.loss_bwd += self._now() - self._t_bwd
+    def _grad_at_output(self, grad: torch.Tensor) -> None:
+        if self._t_bwd is not None:  # the first output the gradient reaches (logits before the decoder's states)
+            self.loss_bwd += self._now() - self._t_bwd
+            self._t_bwd = None
 
     def take(self) -> tuple[float, float]:
         """(loss forward, loss backward) seconds since the last take()."""
@@ -161,12 +168,13 @@ def summarize(kd_steps: list[dict[str, float]], base_steps: list[dict[str, float
 def swapped_loss(trainer: Any, loss: torch.nn.Module) -> Iterator[None]:
     """Run the trainer with another loss inside the same engine (same student, optimizer and ZeRO state)."""
     module = trainer.engine.module
-    kd_loss = trainer.loss
-    trainer.loss, module.loss = loss, loss
+    kd_loss, fused, head_in_loss = trainer.loss, module.fused_linear, trainer.teacher_head_in_loss
+    # the baseline is a plain student step: full logits and CE, whatever path the KD loss takes
+    trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = loss, loss, False, False
     try:
         yield
     finally:
-        trainer.loss, module.loss = kd_loss, kd_loss
+        trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = kd_loss, kd_loss, fused, head_in_loss
 
 
 def next_batches(trainer: Any) -> tuple[list[dict[str, torch.Tensor]], float]:

