@@ -19,8 +19,6 @@ from typing import Optional
 
 from torch import Tensor
 
-from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, chunked_dense_divergence
-
 __all__ = ["FusedLossOutput", "dense_divergence", "fused_linear_divergence", "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -103,3 +101,8 @@ def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, mask
         return fused_linear_divergence_triton(student_hidden, student_weight, mask, labels, **kwargs)
     from kd.losses.chunked import fused_linear_divergence_torch
     return fused_linear_divergence_torch(student_hidden, student_weight, mask, labels, **kwargs)
+
+
+# Imported last: kd.losses imports `dense_divergence` from this package, so when kd.ops is imported first the functions
+# above must exist before kd.losses (pulled in by kd.losses.chunked) starts importing.
+from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, chunked_dense_divergence  # noqa: E402

@@ -14,6 +14,8 @@ The eager spec is `kd.losses.chunked.divergence_rows` (kd.losses.functional's di
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -116,19 +118,52 @@ def _dense_bwd_kernel(s_ptr, s_l, s_sb, s_sl, t_ptr, t_l, t_sb, t_sl, g_ptr, g_l
         rm.zero_row(g_row, V, BLOCK)
 
 
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: the @triton.jit kernel, its grid and its arguments (constexprs and launch config in
+    ``kwargs``). The autograd functions build these with the ``*_launch`` helpers and run them; `kd.ops.aot` builds
+    the same ones on meta tensors and compiles them ahead of time for a GPU target, so the variants it checks are the
+    ones that run."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def forward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tensor, taid: bool, spec: DivergenceSpec,
+                   config: dict) -> tuple[Launch, Tensor, Tensor]:
+    """The forward kernel on `_as_rows` logits and a flat uint8 mask: (launch, loss [N] fp32, stats [N, 3] fp32)."""
+    n, device = mask_u8.numel(), student.device
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    stats = torch.empty(n, 3, dtype=torch.float32, device=device)
+    args = (*_rows(student), *_rows(teacher), mask_u8, loss, stats, tau, student.shape[-1],
+            rm.LOG2E.value / spec.temperature, spec.beta, spec.alpha)
+    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=spec.name in rm.SCALAR_PASS)
+    return Launch(_dense_fwd_kernel, (n,), args, {**constexprs, **config}), loss, stats
+
+
+def backward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tensor, taid: bool, stats: Tensor,
+                    grad_out: Tensor, spec: DivergenceSpec, config: dict) -> tuple[Launch, Tensor]:
+    """The backward kernel (inputs as saved by forward, ``grad_out`` [N]): (launch, gradient in the student dtype)."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    args = (*_rows(student), *_rows(teacher), *_rows(grad), mask_u8, grad_out.contiguous(), stats, tau,
+            student.shape[-1], rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, spec.beta, spec.alpha)
+    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid)
+    return Launch(_dense_bwd_kernel, (mask_u8.numel(),), args, {**constexprs, **config}), grad
+
+
 class _DenseDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student: Tensor, teacher: Tensor, mask: Tensor, spec: DivergenceSpec) -> Tensor:
-        n, vocab = mask.numel(), student.shape[-1]
-        cfg = launch_config(student.device)
         tau, taid = tau_tensor(spec, student)
         mask_u8 = mask.contiguous().view(torch.uint8)
-        loss = torch.empty(n, dtype=torch.float32, device=student.device)
-        stats = torch.empty(n, 3, dtype=torch.float32, device=student.device)
-        if n:
-            _dense_fwd_kernel[(n,)](*_rows(student), *_rows(teacher), mask_u8, loss, stats, tau, vocab,
-                                    rm.LOG2E.value / spec.temperature, spec.beta, spec.alpha, DIV=rm.CODES[spec.name],
-                                    TAID=taid, SCALAR_PASS=spec.name in rm.SCALAR_PASS, **cfg)
+        launch, loss, stats = forward_launch(student, teacher, mask_u8, tau, taid, spec, launch_config(student.device))
+        if mask_u8.numel():
+            launch()
         ctx.save_for_backward(student, teacher, mask_u8, stats, tau)
         ctx.spec, ctx.taid = spec, taid
         return loss
@@ -136,14 +171,10 @@ class _DenseDivergence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         student, teacher, mask_u8, stats, tau = ctx.saved_tensors
-        spec = ctx.spec
-        n, vocab = mask_u8.numel(), student.shape[-1]
-        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        if n:
-            _dense_bwd_kernel[(n,)](*_rows(student), *_rows(teacher), *_rows(grad), mask_u8, grad_out.contiguous(),
-                                    stats, tau, vocab, rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature,
-                                    spec.beta, spec.alpha,
-                                    DIV=rm.CODES[spec.name], TAID=ctx.taid, **launch_config(student.device))
+        launch, grad = backward_launch(student, teacher, mask_u8, tau, ctx.taid, stats, grad_out, ctx.spec,
+                                       launch_config(student.device))
+        if mask_u8.numel():
+            launch()
         return grad, None, None, None
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, fused_linear_divergence_torch
 from kd.ops import row_math as rm
-from kd.ops.dense_kl import launch_config, tau_tensor
+from kd.ops.dense_kl import Launch, launch_config, tau_tensor
 
 # Rows per chunk: C x V logits per block, rounded down to a multiple of 128 (GEMM tiles). 2^27 elements = 256 MiB bf16.
 CHUNK_ELEMENTS = 1 << 27
@@ -79,26 +79,35 @@ def _fused_chunk_kernel(s_ptr, s_stride, t_ptr, t_stride, mask_ptr, label_ptr, k
     tl.store(ce_ptr + row, ce)
 
 
-def triton_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor,
-                      spec: DivergenceSpec, kd_weight: float, ce_weight: float) -> tuple[Tensor, Tensor]:
-    """The `ChunkStep` of the Triton path (same contract as `kd.losses.chunked.eager_chunk_step`)."""
+def chunk_launch(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,
+                 kd_weight: float, ce_weight: float, config: dict) -> tuple[Launch, Tensor, Tensor]:
+    """The chunk kernel on one block of logits (``[C, V]``, unit stride along V): (launch, kd rows [C] fp32,
+    ce rows [C] fp32)."""
     rows, vocab = student_logits.shape
-    if student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
-        raise ValueError("logit blocks must have unit stride along the vocabulary")
     tau, taid = tau_tensor(spec, student_logits)
     kd = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
     ce = torch.empty_like(kd)
     use_ce = ce_weight > 0.0
     scalar_pass = spec.name in rm.SCALAR_PASS
-    if rows:
-        _fused_chunk_kernel[(rows,)](
-            student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
+    args = (student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
             mask.contiguous().view(torch.uint8), labels.contiguous(), kd, ce, tau, vocab,
-            rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, kd_weight, ce_weight, spec.beta, spec.alpha,
-            DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=scalar_pass, CE=use_ce,
-            CE_SEPARATE=use_ce and spec.temperature != 1.0,
-            GRAD_REVERSE=not scalar_pass,  # each pass runs opposite to the one before it, starting where L2 is warm
-            **launch_config(student_logits.device))
+            rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, kd_weight, ce_weight, spec.beta, spec.alpha)
+    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=scalar_pass, CE=use_ce,
+                      CE_SEPARATE=use_ce and spec.temperature != 1.0,
+                      # each pass runs opposite to the one before it, starting where L2 is warm
+                      GRAD_REVERSE=not scalar_pass)
+    return Launch(_fused_chunk_kernel, (rows,), args, {**constexprs, **config}), kd, ce
+
+
+def triton_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor,
+                      spec: DivergenceSpec, kd_weight: float, ce_weight: float) -> tuple[Tensor, Tensor]:
+    """The `ChunkStep` of the Triton path (same contract as `kd.losses.chunked.eager_chunk_step`)."""
+    if student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
+        raise ValueError("logit blocks must have unit stride along the vocabulary")
+    launch, kd, ce = chunk_launch(student_logits, teacher_logits, mask, labels, spec, kd_weight, ce_weight,
+                                  launch_config(student_logits.device))
+    if student_logits.shape[0]:
+        launch()
     return kd, ce
 
 

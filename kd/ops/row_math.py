@@ -195,7 +195,9 @@ def row_grad(s_row, t_row, g_row, V, scale, tau, lse_s, lse_t, c, lse_1, label, 
         if CE:
             sm = q
             if CE_SEPARATE:
-                sm = tl.exp2(zs * LOG2E - lse_1)
+                # from s2, not the raw logits: z_s need not stay live through the divergence terms (with it,
+                # ptxas 13 spilled inside this loop for jsd on rows not 16-aligned: tools/kernel_report.py)
+                sm = tl.exp2(s2 * (LOG2E / scale) - lse_1)
             g += tl.where(ce_on, ce_scale * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
         tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
 
