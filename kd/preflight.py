@@ -82,11 +82,15 @@ def check_models(recipe: Recipe) -> Any:
     # building the loss checks its name, options and method sections (cheap: no model weights involved)
     from kd.losses import LossContext, build_loss
 
-    build_loss(recipe.loss, LossContext(
+    loss = build_loss(recipe.loss, LossContext(
         total_steps=recipe.train.max_steps or 1,
         student_hidden_size=student_config.hidden_size, teacher_hidden_size=teacher_config.hidden_size,
         student_num_layers=student_config.num_hidden_layers, teacher_num_layers=teacher_config.num_hidden_layers,
     ))
+    if recipe.loss.fused_linear:
+        from kd.engine.student import check_fused_linear
+
+        check_fused_linear(loss, student_config.model_type)
     return tokenizer
 
 

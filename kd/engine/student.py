@@ -32,7 +32,7 @@ class DistillationModule(torch.nn.Module):
         self.vocab_size = vocab_size
         self.fused_linear = fused_linear
         if fused_linear:
-            check_fused_linear(student, loss)
+            check_fused_linear(loss, student.config.model_type, linear_head=has_linear_head(student))
             weight = student.get_output_embeddings().weight
             if hasattr(weight, "ds_id"):
                 # ZeRO-3: the fused loss uses the lm_head weight outside the lm_head module, so DeepSpeed must gather
@@ -119,16 +119,18 @@ def _shift_all(tensors: Optional[tuple[torch.Tensor, ...]]) -> Optional[tuple[to
     return tuple(shift(t) for t in tensors) if tensors is not None else None
 
 
-def check_fused_linear(student: torch.nn.Module, loss: DistillationLoss) -> None:
-    """Refuse ``loss.fused_linear`` for a loss without a fused form or a student whose logits are not a plain head."""
+def check_fused_linear(loss: DistillationLoss, model_type: str, *, linear_head: bool = True) -> None:
+    """Refuse ``loss.fused_linear`` for a loss without a fused form or a student whose logits are not a plain head.
+    `kd validate` / `kd train` call it from the configs before launching; the engine again with the built model
+    (``linear_head``: no bias on the lm_head)."""
     from kd.errors import UserError
 
     if not loss.supports_fused:
         raise UserError(f"loss {type(loss).__name__} has no fused-linear form (the divergences and taid have, with or "
                         "without loss.trg); set loss.fused_linear: false", key="loss.fused_linear")
-    if not has_linear_head(student):
+    if model_type not in LINEAR_HEAD_MODEL_TYPES or not linear_head:
         raise UserError(f"the fused-linear path needs a student whose logits are lm_head(final hidden state) "
-                        f"({', '.join(LINEAR_HEAD_MODEL_TYPES)}), not {student.config.model_type!r}; set "
+                        f"({', '.join(LINEAR_HEAD_MODEL_TYPES)}, no bias), not {model_type!r}; set "
                         "loss.fused_linear: false", key="loss.fused_linear")
 
 

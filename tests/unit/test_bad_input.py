@@ -127,6 +127,10 @@ def _seq_len_too_long_for_student(tmp, a):
     return recipe, ["data.seq_len=128"]
 
 
+def _fused_linear_without_fused_form(tmp, a):
+    return _recipe(tmp, a), ["loss.name=ce", "loss.fused_linear=true"]
+
+
 CASES = [
     ("malformed-yaml", _malformed_yaml, None, "recipe", "malformed YAML: line "),
     ("unknown-key", _unknown_key, "loss.temprature", "recipe", "unknown key"),
@@ -143,6 +147,8 @@ CASES = [
     ("student-vocab-too-small", _student_vocab_too_small, "student", "recipe", "vocab_size 100 but the tokenizer has 320"),
     ("seq-len-too-long", _seq_len_too_long, "data.seq_len", "recipe", f"teacher's maximum of {TINY_MAX_POSITIONS} positions"),
     ("seq-len-too-long-for-student", _seq_len_too_long_for_student, "data.seq_len", "recipe", "student's maximum of 64"),
+    ("fused-linear-without-fused-form", _fused_linear_without_fused_form, "loss.fused_linear", "recipe",
+     "no fused-linear form"),
 ]
 
 
