@@ -3,8 +3,10 @@
 Every (kernel, constexprs, dtype, alignment) the launchers produce (kd.ops.aot) is compiled to a cubin. Columns:
 registers per thread; bytes spilled (ptxas -v); spill instructions inside a loop of the SASS (``in_loop``: the ones
 that cost bandwidth; a spill outside every loop runs once per row); Triton's shared memory per program; the widest
-vector global load in bits (0: the logits are read one element per instruction); compile seconds. Exit status 1 if a
-variant fails to compile or spills inside a loop.
+vector global load in bits (0: the logits are read one element per instruction); the narrowest global load and store
+inside a loop, in bits (``loop_ld`` / ``loop_st``: 128 when every full block of the rows moves 16 bytes per
+instruction, 16 or 32 when a loop reads one element per instruction; ``-``: no such access in a loop); compile
+seconds. Exit status 1 if a variant fails to compile or spills inside a loop.
 
     python tools/kernel_report.py                     # a representative subset (24 variants, ~15 s)
     python tools/kernel_report.py --all --json k.json # every variant (a few minutes on 2 cores)
@@ -27,14 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kd.ops import aot  # noqa: E402
 
-COLUMNS = ("registers", "spill_stores", "spill_loads", "local_in_loops", "shared", "vector_load_bits", "compile_s")
-HEADER = ("regs", "spill_st", "spill_ld", "in_loop", "smem", "vec_ld", "secs")
+COLUMNS = ("registers", "spill_stores", "spill_loads", "local_in_loops", "shared", "vector_load_bits", "loop_ld_bits",
+           "loop_st_bits", "compile_s")
+HEADER = ("regs", "spill_st", "spill_ld", "in_loop", "smem", "vec_ld", "loop_ld", "loop_st", "secs")
+
+
+def _cell(value) -> str:
+    return "-" if value is None else str(value)
 
 
 def report(rows: list[dict]) -> str:
     lines = [f"{'kernel variant':<112} " + " ".join(f"{h:>8}" for h in HEADER)]
     for r in rows:
-        values = ("FAILED: " + r["error"].splitlines()[0],) if "error" in r else tuple(f"{r[c]:>8}" for c in COLUMNS)
+        values = (("FAILED: " + r["error"].splitlines()[0],) if "error" in r
+                  else tuple(f"{_cell(r[c]):>8}" for c in COLUMNS))
         lines.append(f"{r['name']:<112} " + " ".join(values))
     return "\n".join(lines)
 

@@ -173,19 +173,46 @@ def eager_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tenso
 
 def _flat_logits(x: Tensor) -> Tensor:
     """``[..., V]`` teacher logits as a 2-D view, or a 3-D ``[B, L, V]`` that cannot be viewed so (the trainer's
-    shifted logits): its rows are gathered one block at a time (`_block_rows`) instead of copying all N x V."""
+    shifted logits): its rows are copied one block at a time (`_block_rows`) instead of all N x V at once."""
     try:
         return x.view(-1, x.shape[-1])
     except RuntimeError:
         return x if x.dim() == 3 else x.reshape(-1, x.shape[-1])
 
 
-def _block_rows(x: Tensor, blk: slice) -> Tensor:
-    """Rows ``blk`` of the flattened rows of a `_flat_logits` tensor (a view when 2-D, a [C, V] copy when 3-D)."""
+# Row stride of the fused path's [C, V] logit blocks: V rounded up to a multiple of 16 elements, so that every row
+# starts 16-aligned and the Triton kernel's loads and stores stay 128-bit vectors when V is not a multiple of 16
+# (the trainer cuts to the tokenizer's vocabulary, e.g. 151665 for Qwen2.5; kd.ops.row_math). A [C, V] GEMM output
+# would have row stride V. The padding columns are never read or written: GEMMs take the strided view as it is.
+ROW_ALIGN = 16
+
+
+def _logit_block(rows: int, vocab: int, like: Tensor) -> Tensor:
+    """An uninitialized ``[rows, vocab]`` block (dtype and device of ``like``) with its row stride rounded up to
+    ``ROW_ALIGN``: a view of a slightly wider buffer."""
+    width = -(-vocab // ROW_ALIGN) * ROW_ALIGN
+    return torch.empty(rows, width, dtype=like.dtype, device=like.device)[:, :vocab]
+
+
+def _block_rows(x: Tensor, blk: slice, vocab: int) -> Tensor:
+    """Rows ``blk``, first ``vocab`` columns, of the flattened rows of a `_flat_logits` tensor: a view when 2-D; when
+    3-D, a copy into a `_logit_block`, one slice copy per sequence the block touches (no index tensors, and only the
+    ``vocab`` columns move)."""
     if x.dim() == 2:
-        return x[blk]
-    rows = torch.arange(blk.start, blk.stop, device=x.device)
-    return x[rows // x.shape[1], rows % x.shape[1]]
+        return x[blk, :vocab]
+    out = _logit_block(blk.stop - blk.start, vocab, x)
+    row = blk.start
+    while row < blk.stop:
+        b, pos = divmod(row, x.shape[1])
+        n = min(blk.stop - row, x.shape[1] - pos)
+        out[row - blk.start:row - blk.start + n].copy_(x[b, pos:pos + n, :vocab])
+        row += n
+    return out
+
+
+def _head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
+    """``hidden @ weight^T`` written into a `_logit_block` (row stride aligned, see ROW_ALIGN)."""
+    return torch.mm(hidden, weight.t(), out=_logit_block(hidden.shape[0], weight.shape[0], hidden))
 
 
 def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, hidden: Tensor) -> None:
@@ -224,8 +251,8 @@ class FusedLinearChunks(torch.autograd.Function):
         kd_rows = torch.zeros(h_s.shape[0], dtype=torch.float32, device=h_s.device)
         ce_rows = torch.zeros_like(kd_rows)
         for blk in _row_blocks(h_s.shape[0], rows):
-            logits = h_s[blk] @ w_shared.t()
-            teacher = _block_rows(z_t, blk)[:, :vocab] if z_t is not None else h_t[blk] @ w_t[:vocab].t()
+            logits = _head_logits(h_s[blk], w_shared)
+            teacher = _block_rows(z_t, blk, vocab) if z_t is not None else _head_logits(h_t[blk], w_t[:vocab])
             kd_rows[blk], ce_rows[blk] = step(logits, teacher, mask[blk], labels[blk], spec, 1.0 - ce_weight,
                                               ce_weight)
             del teacher

@@ -12,11 +12,13 @@ nothing about registers. Here every kernel variant the launchers can produce is 
   without an edit.
 - `variants()`: each launch specialized as Triton's runtime specializes it (its binder: constexprs, argument types,
   16-divisibility of pointers and integers), one per distinct compilation.
-- `compile_variant()`: triton.compile for the target, then registers / spills / shared memory from ptxas's log and
-  the widest vector global load in the PTX (128 bits: 8 bf16 per instruction; 0: one element per instruction).
+- `compile_variant()`: triton.compile for the target, then registers / spills / shared memory from ptxas's log, the
+  widest vector global load in the PTX (128 bits: 8 bf16 per instruction; 0: one element per instruction) and the
+  narrowest global load and store inside its loops (the block loops over the rows: 128 when all of them vectorize).
 
 The vocabularies: 128256 (Llama 3, lm_head as wide), 151936 (Qwen2.5's lm_head rows) and 151665 (Qwen2.5's
-``len(tokenizer)``, the V the trainer actually cuts to, inside 151936-wide logits: not a multiple of 16).
+``len(tokenizer)``, the V the trainer actually cuts to, inside 151936-wide logits: not a multiple of 16; for the fused
+path also with a 151665-row lm_head). The kernels' block loops stay 128-bit vectorized for every one of them.
 
 Needs Triton's NVIDIA backend (ptxas ships with it) and real JITFunctions, i.e. TRITON_INTERPRET unset before triton
 is first imported: run it in its own process (tools/kernel_report.py; tests/kernels/test_sm90_compile.py).
@@ -41,6 +43,9 @@ from kd.ops import row_math as rm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 VOCABS = ((128256, 128256), (151936, 151936), (151665, 151936))  # (shared vocabulary V, logits width V')
+# The fused path also with an lm_head of exactly V rows (resized to len(tokenizer)): no rows to round up to, its
+# chunks get padded rows all the same (kd.losses.chunked.ROW_ALIGN). The dense kernel reads the caller's V'-wide rows.
+FUSED_VOCABS = VOCABS + ((151665, 151665),)
 TAID_T = (None, 0.5)
 TEMPERATURES = (1.0, 2.0)
 CE_WEIGHTS = (0.0, 0.1)
@@ -138,10 +143,11 @@ def scenarios() -> Iterator[tuple[str, dense_kl.Launch]]:
             for temperature in TEMPERATURES:
                 spec = DivergenceSpec(name, temperature, 0.5, 0.1, taid_t)
                 for dtype_name, dtype in DTYPES.items():
-                    for vocab, width in VOCABS:
+                    for vocab, width in FUSED_VOCABS:
                         what = f"{name} taid={taid_t} T={temperature} {dtype_name} V={vocab}/{width}"
-                        for launch in _dense_launches(spec, dtype, vocab, width):
-                            yield f"dense {what}", launch
+                        if (vocab, width) in VOCABS:
+                            for launch in _dense_launches(spec, dtype, vocab, width):
+                                yield f"dense {what}", launch
                         for ce_weight in CE_WEIGHTS:
                             for teacher in TEACHERS:
                                 for launch in _fused_launches(spec, dtype, vocab, width, ce_weight, teacher):
@@ -252,7 +258,10 @@ def sass(cubin: bytes) -> str:
 
 _PTXAS = {"registers": r"Used (\d+) registers", "spill_stores": r"(\d+) bytes spill stores",
           "spill_loads": r"(\d+) bytes spill loads", "stack": r"(\d+) bytes stack frame", "smem": r"(\d+) bytes smem"}
-_VECTOR_LOAD = re.compile(r"ld\.global(?:\.[a-z]+)*\.v(\d)\.[bfsu](\d+)")
+# a global load or store and its width: "ld.global.v4.b32", "@%p3 ld.global.b16", "st.global.L1::evict_first.v2.b32"
+_ACCESS = re.compile(r"\b(ld|st)\.global\S*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+# the first line of a basic block in LLVM's PTX: a branch target's label or a fall-through block's comment
+_PTX_BLOCK = re.compile(r"^(?:\$L__BB\w+:|// %bb\.\d+:)")
 
 
 def parse_ptxas_log(log: str) -> dict:
@@ -265,7 +274,30 @@ def parse_ptxas_log(log: str) -> dict:
 def vector_load_bits(ptx: str) -> int:
     """Bits moved by the widest vector ld.global of the PTX (e.g. v4.b32: 128); 0 when every global load is scalar
     (the logit rows are then read one element per instruction: their base or V is not known to be 16-aligned)."""
-    return max((int(n) * int(bits) for n, bits in _VECTOR_LOAD.findall(ptx)), default=0)
+    return max((int(n) * int(bits) for op, n, bits in _ACCESS.findall(ptx) if op == "ld" and n), default=0)
+
+
+def loop_access_bits(ptx: str) -> dict:
+    """The narrowest global load and store inside a loop of the PTX, in bits per instruction (v4.b32: 128, a scalar
+    bf16: 16; None where the loops have none).
+
+    The loops are the block loops over the logit rows, where the bytes move: a row's partial last block (scalar,
+    masked) and the per-row scalars run outside them. 128 means every block of every pass moves 16 bytes per
+    instruction; a narrower width there is the regression `vector_load_bits` alone would not show. The loops are
+    found from LLVM's block comments in the PTX (its verbose assembly, as Triton emits it)."""
+    widths: dict[str, list[int]] = {"ld": [], "st": []}
+    lines = ptx.splitlines()
+    in_loop = False
+    for i, line in enumerate(lines):
+        if _PTX_BLOCK.match(line.strip()):
+            # LLVM marks each block of a loop on its first lines ("=>This Inner Loop Header", "in Loop: Header=");
+            # a loop's blocks need not be contiguous in the text (rotated loops), so its span cannot be used
+            head = line + (lines[i + 1] if i + 1 < len(lines) else "")
+            in_loop = "Loop Header" in head or "in Loop:" in head
+        elif in_loop:
+            for op, n, bits in _ACCESS.findall(line + " "):
+                widths[op].append(int(n or 1) * int(bits))
+    return {"loop_ld_bits": min(widths["ld"], default=None), "loop_st_bits": min(widths["st"], default=None)}
 
 
 def _chain(error: BaseException) -> str:
@@ -307,6 +339,7 @@ def compile_variant(variant: Variant, arch: int = 90) -> dict:
     out["shared"] = compiled.metadata.shared  # dynamic shared memory Triton allocates (bytes per program)
     out.update(parse_ptxas_log(log.getvalue()))
     out["vector_load_bits"] = vector_load_bits(compiled.asm["ptx"])
+    out.update(loop_access_bits(compiled.asm["ptx"]))
     out["local_in_loops"] = (local_memory_in_loops(sass(compiled.asm["cubin"]))
                              if out["spill_stores"] or out["spill_loads"] or out["stack"] else 0)
     return out

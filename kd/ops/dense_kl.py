@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kd.losses.chunked import DivergenceSpec
+from kd.losses.chunked import ROW_ALIGN, DivergenceSpec
 from kd.ops import row_math as rm
 
 # Launch parameters on a GPU: a starting point for H100/H200 (tools/bench_kernels.py --block/--warps sweeps them).
@@ -148,8 +148,13 @@ def forward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tenso
 
 def backward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tensor, taid: bool, stats: Tensor,
                     grad_out: Tensor, spec: DivergenceSpec, config: dict) -> tuple[Launch, Tensor]:
-    """The backward kernel (inputs as saved by forward, ``grad_out`` [N]): (launch, gradient in the student dtype)."""
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    """The backward kernel (inputs as saved by forward, ``grad_out`` [N]): (launch, gradient in the student dtype).
+
+    The gradient is a ``[..., V]`` view of a buffer whose rows are padded to a multiple of ROW_ALIGN elements: with V
+    not a multiple of 16 a dense buffer's rows would start unaligned and every store would be scalar."""
+    width = -(-student.shape[-1] // ROW_ALIGN) * ROW_ALIGN
+    grad = torch.empty(*student.shape[:-1], width, dtype=student.dtype,
+                       device=student.device)[..., :student.shape[-1]]
     args = (*_rows(student), *_rows(teacher), *_rows(grad), mask_u8, grad_out.contiguous(), stats, tau,
             student.shape[-1], rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, spec.beta, spec.alpha)
     constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid)

@@ -3,7 +3,7 @@
 For each block of C rows (the loop, the GEMMs and the autograd wrapper are `kd.losses.chunked.FusedLinearChunks`,
 shared with the eager path):
 
-    z_s = h_s W_s^T          [C, V] cuBLAS GEMM, input dtype (bf16)
+    z_s = h_s W_s^T          [C, V] cuBLAS GEMM, input dtype (bf16); rows padded to 16 elements (vectorized loads)
     z_t = h_t W_t^T          [C, V] cuBLAS GEMM (or a view of the given teacher logits)
     _fused_chunk_kernel:     per row: passes A (+ B) + C of kd.ops.row_math; the gradient
                              G = (1 - w) / T * dD/ds * mask + w * (softmax(z_s) - onehot(label)) * (label != -100)

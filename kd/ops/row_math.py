@@ -10,6 +10,14 @@ B. (jsd, tvd, skew_kl, skew_reverse_kl only) the loss and the row scalar ``c = s
    final log-normalizers: log m_v mixes p_v and q_v, so it cannot be accumulated online.
 C. the gradient, written in the output dtype (possibly over the student row itself: the fused kernel works in place).
 
+Every pass runs the V // BLOCK full blocks without a mask and only the last, partial block (if any) masked. Triton
+vectorizes a load when it can prove 16-element runs of both the address and the mask: with ``mask=offs < V`` in every
+block that needs V to be a multiple of 16, which the trainer's vocabulary cut (e.g. Qwen2.5's 151665) is not, and
+then every load and store of the row is scalar. Unmasked full blocks keep 128-bit accesses for any V (given 16-aligned
+rows: the callers pass row strides that are multiples of 16). Passes alternate direction to start where the previous
+one ended (L2): A first to last block, B last to first, C either way (``REVERSE``); the partial block sits at the end
+of the row, so a reverse pass takes it first and a forward pass last.
+
 Notation: s = z_s / T, t = z_t / T, q = softmax(s), p = softmax(t) (for TAID, t is replaced by (1 - tau) s + tau t with
 s detached). Each divergence L(q) has, with g_v = dL/dq_v and c = sum_v q_v g_v,
 
@@ -51,58 +59,82 @@ SCALAR_PASS = {"jsd", "tvd", "skew_kl", "skew_reverse_kl"}
 
 
 @triton.jit
-def load_block(s_row, t_row, offs, V, scale, tau, TAID: tl.constexpr):
+def load_block(s_row, t_row, offs, V, scale, tau, TAID: tl.constexpr, MASKED: tl.constexpr):
     """One block of both rows as fp32: raw student logits z_s and log2-scaled s2 = z_s log2(e) / T, t2 (the TAID
-    mix when TAID); lanes past V are -inf in s2 and t2."""
-    valid = offs < V
-    zs = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32)
-    zt = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32)
+    mix when TAID). MASKED (the row's last, partial block only): lanes past V read nothing and are -inf in s2 and t2.
+    A full block is loaded without a mask, so its loads vectorize whatever V is (module docstring)."""
+    if MASKED:
+        valid = offs < V
+        zs = tl.load(s_row + offs, mask=valid, other=0.0).to(tl.float32)
+        zt = tl.load(t_row + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        zs = tl.load(s_row + offs).to(tl.float32)
+        zt = tl.load(t_row + offs).to(tl.float32)
     s2 = zs * scale
     t2 = zt * scale
     if TAID:  # the ends keep one side untouched: 0 * (-inf) would be NaN at a masked teacher entry
         t2 = tl.where(tau >= 1.0, t2, tl.where(tau <= 0.0, s2, (1.0 - tau) * s2 + tau * t2))
-    s2 = tl.where(valid, s2, float("-inf"))
-    t2 = tl.where(valid, t2, float("-inf"))
+    if MASKED:
+        s2 = tl.where(valid, s2, float("-inf"))
+        t2 = tl.where(valid, t2, float("-inf"))
     return zs, s2, t2
+
+
+@triton.jit
+def _stats_block(m_s, m_t, m_1, z_s, z_t, z_1, acc, z_lab, s_row, t_row, offs, V, scale, tau, label,
+                 DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr, CE_SEPARATE: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """One block of pass A: the running maxima / sums (m, z), the online KL sum and z_s[label], updated."""
+    zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID, MASKED)
+    new_s = tl.maximum(m_s, tl.max(s2, axis=0))
+    new_t = tl.maximum(m_t, tl.max(t2, axis=0))
+    rescale_s = tl.exp2(m_s - new_s)
+    rescale_t = tl.exp2(m_t - new_t)
+    e_s = tl.exp2(s2 - new_s)
+    e_t = tl.exp2(t2 - new_t)
+    z_s = z_s * rescale_s + tl.sum(e_s, axis=0)
+    z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
+    if DIV == FORWARD_KL:
+        acc = acc * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * (t2 - s2), 0.0), axis=0)
+    if DIV == REVERSE_KL:
+        acc = acc * rescale_s + tl.sum(tl.where(e_s > 0.0, e_s * (s2 - t2), 0.0), axis=0)
+    if CE:
+        z_lab += tl.sum(tl.where(offs == label, zs, 0.0), axis=0)
+        if CE_SEPARATE:
+            x1 = zs * LOG2E
+            if MASKED:
+                x1 = tl.where(offs < V, x1, float("-inf"))
+            new_1 = tl.maximum(m_1, tl.max(x1, axis=0))
+            z_1 = z_1 * tl.exp2(m_1 - new_1) + tl.sum(tl.exp2(x1 - new_1), axis=0)
+            m_1 = new_1
+    return new_s, new_t, m_1, z_s, z_t, z_1, acc, z_lab
 
 
 @triton.jit
 def row_stats(s_row, t_row, V, scale, tau, label, DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr,
               CE_SEPARATE: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass A. Returns (lse2_s, lse2_t, loss, lse2_1, z_label): log2-domain log-normalizers, the natural-log loss for
-    forward/reverse KL (0 otherwise), the T = 1 student normalizer (== lse2_s unless CE_SEPARATE) and z_s[label]."""
-    m_s = -1e30  # finite sentinel: (-inf) - (-inf) would be NaN on a row that starts with masked entries
-    m_t = -1e30
-    m_1 = -1e30
-    z_s = 0.0
-    z_t = 0.0
-    z_1 = 0.0
-    acc = 0.0
-    z_lab = 0.0
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
-        new_s = tl.maximum(m_s, tl.max(s2, axis=0))
-        new_t = tl.maximum(m_t, tl.max(t2, axis=0))
-        rescale_s = tl.exp2(m_s - new_s)
-        rescale_t = tl.exp2(m_t - new_t)
-        e_s = tl.exp2(s2 - new_s)
-        e_t = tl.exp2(t2 - new_t)
-        z_s = z_s * rescale_s + tl.sum(e_s, axis=0)
-        z_t = z_t * rescale_t + tl.sum(e_t, axis=0)
-        if DIV == FORWARD_KL:
-            acc = acc * rescale_t + tl.sum(tl.where(e_t > 0.0, e_t * (t2 - s2), 0.0), axis=0)
-        if DIV == REVERSE_KL:
-            acc = acc * rescale_s + tl.sum(tl.where(e_s > 0.0, e_s * (s2 - t2), 0.0), axis=0)
-        m_s = new_s
-        m_t = new_t
-        if CE:
-            z_lab += tl.sum(tl.where(offs == label, zs, 0.0), axis=0)
-            if CE_SEPARATE:
-                x1 = tl.where(offs < V, zs * LOG2E, float("-inf"))
-                new_1 = tl.maximum(m_1, tl.max(x1, axis=0))
-                z_1 = z_1 * tl.exp2(m_1 - new_1) + tl.sum(tl.exp2(x1 - new_1), axis=0)
-                m_1 = new_1
+    """Pass A, first to last block. Returns (lse2_s, lse2_t, loss, lse2_1, z_label): log2-domain log-normalizers,
+    the natural-log loss for forward/reverse KL (0 otherwise), the T = 1 student normalizer (== lse2_s unless
+    CE_SEPARATE) and z_s[label]."""
+    # fp32 scalars from the start (the partial block's `if` needs the same types on both sides); -1e30, a finite
+    # sentinel: (-inf) - (-inf) would be NaN on a row that starts with masked entries
+    m_s = tl.full((), -1e30, tl.float32)
+    m_t = m_s
+    m_1 = m_s
+    z_s = tl.zeros((), tl.float32)
+    z_t = z_s
+    z_1 = z_s
+    acc = z_s
+    z_lab = z_s
+    n_full = V // BLOCK
+    for i in range(0, n_full):
+        m_s, m_t, m_1, z_s, z_t, z_1, acc, z_lab = _stats_block(
+            m_s, m_t, m_1, z_s, z_t, z_1, acc, z_lab, s_row, t_row, i * BLOCK + tl.arange(0, BLOCK), V, scale, tau,
+            label, DIV, TAID, CE, CE_SEPARATE, False)
+    if n_full * BLOCK < V:
+        m_s, m_t, m_1, z_s, z_t, z_1, acc, z_lab = _stats_block(
+            m_s, m_t, m_1, z_s, z_t, z_1, acc, z_lab, s_row, t_row, n_full * BLOCK + tl.arange(0, BLOCK), V, scale,
+            tau, label, DIV, TAID, CE, CE_SEPARATE, True)
     lse_s = m_s + tl.log2(z_s)
     lse_t = m_t + tl.log2(z_t)
     loss = 0.0
@@ -153,58 +185,91 @@ def terms(q, p, lq, lp, beta, alpha, DIV: tl.constexpr):
 
 
 @triton.jit
+def _scalars_block(loss, c, s_row, t_row, offs, V, scale, tau, lse_s, lse_t, beta, alpha, DIV: tl.constexpr,
+                   TAID: tl.constexpr, MASKED: tl.constexpr):
+    zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID, MASKED)
+    q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
+    l_v, qg = terms(q, p, lq, lp, beta, alpha, DIV)
+    return loss + tl.sum(l_v, axis=0), c + tl.sum(qg, axis=0)
+
+
+@triton.jit
 def row_scalars(s_row, t_row, V, scale, tau, lse_s, lse_t, beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Pass B (blocks in reverse order, so the first reads hit what pass A left in L2). Returns (loss, c)."""
-    loss = 0.0
-    c = 0.0
-    n_blocks = tl.cdiv(V, BLOCK)
-    for i in range(0, n_blocks):
-        offs = (n_blocks - 1 - i) * BLOCK + tl.arange(0, BLOCK)
-        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
-        q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
-        l_v, qg = terms(q, p, lq, lp, beta, alpha, DIV)
-        loss += tl.sum(l_v, axis=0)
-        c += tl.sum(qg, axis=0)
+    """Pass B, last block to first (so the first reads hit what pass A left in L2). Returns (loss, c)."""
+    loss = tl.zeros((), tl.float32)
+    c = loss
+    n_full = V // BLOCK
+    if n_full * BLOCK < V:
+        loss, c = _scalars_block(loss, c, s_row, t_row, n_full * BLOCK + tl.arange(0, BLOCK), V, scale, tau, lse_s,
+                                 lse_t, beta, alpha, DIV, TAID, True)
+    for i in range(0, n_full):
+        loss, c = _scalars_block(loss, c, s_row, t_row, (n_full - 1 - i) * BLOCK + tl.arange(0, BLOCK), V, scale,
+                                 tau, lse_s, lse_t, beta, alpha, DIV, TAID, False)
     return loss, c
+
+
+@triton.jit
+def _grad_block(s_row, t_row, g_row, offs, V, scale, tau, lse_s, lse_t, c, lse_1, label, kd_on, kd_scale, ce_on,
+                ce_scale, beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr,
+                CE_SEPARATE: tl.constexpr, MASKED: tl.constexpr):
+    """One block of pass C: the gradient of lanes ``offs``, stored to g_row (row_grad)."""
+    zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID, MASKED)
+    q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
+    if DIV == FORWARD_KL:
+        ds = q - p
+    elif DIV == REVERSE_KL:
+        ds = tl.where(q > 0.0, q * (lq - lp - c), 0.0)
+    else:
+        _, qg = terms(q, p, lq, lp, beta, alpha, DIV)
+        ds = qg - q * c
+    g = tl.where(kd_on, kd_scale * ds, 0.0)
+    if CE:
+        sm = q
+        if CE_SEPARATE:
+            # from s2, not the raw logits: z_s need not stay live through the divergence terms (with it,
+            # ptxas 13 spilled inside this loop for jsd on rows not 16-aligned: tools/kernel_report.py)
+            sm = tl.exp2(s2 * (LOG2E / scale) - lse_1)
+        g += tl.where(ce_on, ce_scale * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
+    if MASKED:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
+    else:
+        tl.store(g_row + offs, g.to(g_row.dtype.element_ty))
 
 
 @triton.jit
 def row_grad(s_row, t_row, g_row, V, scale, tau, lse_s, lse_t, c, lse_1, label, kd_on, kd_scale, ce_on, ce_scale,
              beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr, CE: tl.constexpr, CE_SEPARATE: tl.constexpr,
              REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """Pass C: g = kd_scale * dL/ds (kd_scale includes 1/T) + ce_scale * (softmax(z_s) - onehot), stored to g_row.
+    """Pass C: g = kd_scale * dL/ds (kd_scale includes 1/T) + ce_scale * (softmax(z_s) - onehot), stored to g_row;
+    first to last block, or last to first when REVERSE (it then starts where a forward pass A ended).
 
     Rows switched off (kd_on / ce_on False) contribute exact zeros (selected, so NaN in their inputs cannot leak)."""
-    n_blocks = tl.cdiv(V, BLOCK)
-    for i in range(0, n_blocks):
-        blk = i
-        if REVERSE:
-            blk = n_blocks - 1 - i
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        zs, s2, t2 = load_block(s_row, t_row, offs, V, scale, tau, TAID)
-        q, p, lq, lp = probs(s2, t2, lse_s, lse_t)
-        if DIV == FORWARD_KL:
-            ds = q - p
-        elif DIV == REVERSE_KL:
-            ds = tl.where(q > 0.0, q * (lq - lp - c), 0.0)
-        else:
-            _, qg = terms(q, p, lq, lp, beta, alpha, DIV)
-            ds = qg - q * c
-        g = tl.where(kd_on, kd_scale * ds, 0.0)
-        if CE:
-            sm = q
-            if CE_SEPARATE:
-                # from s2, not the raw logits: z_s need not stay live through the divergence terms (with it,
-                # ptxas 13 spilled inside this loop for jsd on rows not 16-aligned: tools/kernel_report.py)
-                sm = tl.exp2(s2 * (LOG2E / scale) - lse_1)
-            g += tl.where(ce_on, ce_scale * (sm - tl.where(offs == label, 1.0, 0.0)), 0.0)
-        tl.store(g_row + offs, g.to(g_row.dtype.element_ty), mask=offs < V)
+    n_full = V // BLOCK
+    tail = n_full * BLOCK
+    if REVERSE:
+        if tail < V:
+            _grad_block(s_row, t_row, g_row, tail + tl.arange(0, BLOCK), V, scale, tau, lse_s, lse_t, c, lse_1,
+                        label, kd_on, kd_scale, ce_on, ce_scale, beta, alpha, DIV, TAID, CE, CE_SEPARATE, True)
+        for i in range(0, n_full):
+            _grad_block(s_row, t_row, g_row, (n_full - 1 - i) * BLOCK + tl.arange(0, BLOCK), V, scale, tau, lse_s,
+                        lse_t, c, lse_1, label, kd_on, kd_scale, ce_on, ce_scale, beta, alpha, DIV, TAID, CE,
+                        CE_SEPARATE, False)
+    else:
+        for i in range(0, n_full):
+            _grad_block(s_row, t_row, g_row, i * BLOCK + tl.arange(0, BLOCK), V, scale, tau, lse_s, lse_t, c, lse_1,
+                        label, kd_on, kd_scale, ce_on, ce_scale, beta, alpha, DIV, TAID, CE, CE_SEPARATE, False)
+        if tail < V:
+            _grad_block(s_row, t_row, g_row, tail + tl.arange(0, BLOCK), V, scale, tau, lse_s, lse_t, c, lse_1,
+                        label, kd_on, kd_scale, ce_on, ce_scale, beta, alpha, DIV, TAID, CE, CE_SEPARATE, True)
 
 
 @triton.jit
 def zero_row(g_row, V, BLOCK: tl.constexpr):
-    """Write zeros over one row (the gradient of a row that carries no loss)."""
-    for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_row.dtype.element_ty), mask=offs < V)
+    """Write zeros over one row (the gradient of a row that carries no loss): full blocks unmasked, then the tail."""
+    n_full = V // BLOCK
+    zeros = tl.zeros([BLOCK], dtype=g_row.dtype.element_ty)
+    for i in range(0, n_full):
+        tl.store(g_row + i * BLOCK + tl.arange(0, BLOCK), zeros)
+    offs = n_full * BLOCK + tl.arange(0, BLOCK)
+    tl.store(g_row + offs, zeros, mask=offs < V)

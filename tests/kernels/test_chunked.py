@@ -69,9 +69,11 @@ def test_fused_torch_path_matches_full_eager(name, monkeypatch):
     normalizer = torch.tensor(float(mask.sum()))
     seen = []
 
-    def spy(logits, *args):
+    def spy(logits, teacher, *args):
         seen.append(tuple(logits.shape))
-        return chunked.eager_chunk_step(logits, *args)
+        # 211 logits per row, rows 224 elements apart: every row starts 16-aligned (vectorized kernel loads)
+        assert logits.stride() == (224, 1) and teacher.stride() == (224, 1)
+        return chunked.eager_chunk_step(logits, teacher, *args)
 
     hk, wk = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     spec = DivergenceSpec(name, 0.7, **KNOBS.get(name, {}))
@@ -89,6 +91,7 @@ def test_fused_torch_path_matches_full_eager(name, monkeypatch):
     torch.testing.assert_close(wk.grad, wr.grad)
     assert out.num_tokens.item() == mask.sum().item()
     assert seen == [(5, vocab)] * 4 + [(3, vocab)]
+    assert torch.all(wk.grad[vocab:] == 0)  # lm_head rows past the vocabulary: exactly zero
 
 
 def test_fused_shifted_teacher_logits_without_ce():
@@ -106,6 +109,30 @@ def test_fused_shifted_teacher_logits_without_ce():
     torch.testing.assert_close(out.loss, F.forward_kl(zs, z_t).sum())
     torch.testing.assert_close(h.grad, (torch.softmax(zs, -1) - torch.softmax(z_t, -1)) @ w.detach())
     assert out.ce_sum.item() == 0.0
+
+
+@pytest.mark.parametrize("seq_len,chunk", [(7, 3), (7, 16), (3, 2)])
+def test_shifted_teacher_rows_copied_into_aligned_blocks(seq_len, chunk):
+    """The trainer's shifted teacher logits z[:, :-1, :V] ([B, L, V''] strided, V not a multiple of 16): each chunk's
+    rows, spanning one or more sequences, arrive as the right values in a block whose rows start 16-aligned."""
+    gen = torch.Generator().manual_seed(5)
+    batch, hidden, width, vocab = 3, 6, 40, 37
+    z_full = torch.randn(batch, seq_len + 1, width, generator=gen)
+    h = torch.randn(batch, seq_len, hidden, generator=gen)
+    w = torch.randn(vocab, hidden, generator=gen)
+    labels = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    blocks = []
+
+    def spy(logits, teacher, *args):
+        assert logits.stride() == (48, 1) and teacher.stride() == (48, 1), (logits.stride(), teacher.stride())
+        blocks.append(teacher.clone())
+        return chunked.eager_chunk_step(logits, teacher, *args)
+
+    spec = DivergenceSpec("forward_kl")
+    chunked.fused_linear_divergence_torch(h, w, labels >= 0, labels, teacher_hidden=None, teacher_weight=None,
+                                          teacher_logits=z_full[:, :-1], spec=spec, vocab_size=vocab,
+                                          chunk_size=chunk, step=spy)
+    torch.testing.assert_close(torch.cat(blocks), z_full[:, :-1, :vocab].reshape(-1, vocab), rtol=0, atol=0)
 
 
 def test_no_grad_skips_the_gradient_gemms(monkeypatch):

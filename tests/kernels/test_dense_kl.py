@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 
 from kd.losses import functional as F  # noqa: E402
 from kd.ops import dense_divergence  # noqa: E402
+from kd.ops.dense_kl import launch_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter runs numpy over -inf lanes (selected away afterwards); its RuntimeWarnings are noise here.
@@ -76,6 +77,14 @@ def test_forward_kl_odd_shape(dtype):
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl"])
 def test_every_divergence(name, dtype):
     check(name, dtype, 5, 1031, temperature=0.8, seed=1)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_vocab_of_whole_blocks(name, blocks):
+    """V a multiple of the kernel's block: no partial last block (the other tests have one), in every pass."""
+    block = launch_config(torch.device(DEVICE))["BLOCK"]
+    check(name, torch.float32, 4, blocks * block, temperature=1.3, seed=7)
 
 
 @pytest.mark.parametrize("name,tau_tensor", [("forward_kl", False), ("forward_kl", True), ("jsd", False)])

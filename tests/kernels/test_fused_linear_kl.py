@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 from kd.losses import functional as F  # noqa: E402
 from kd.losses.chunked import DivergenceSpec, eager_chunk_step  # noqa: E402
 from kd.ops import fused_linear_divergence  # noqa: E402
+from kd.ops.dense_kl import launch_config  # noqa: E402
 from kd.ops.fused_linear_kl import triton_chunk_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,6 +90,17 @@ def test_every_divergence(name):
     out, (loss, _, _), got, want, _ = run_both(name, torch.float32, n=9, temperature=1.0, seed=1, chunk_size=4)
     torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-5)
     assert_grads_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "jsd"])
+def test_vocab_of_whole_blocks_with_ce(name):
+    """V = two kernel blocks exactly (no partial last block), CE at T != 1, gradient in both pass orders."""
+    vocab = 2 * launch_config(torch.device(DEVICE))["BLOCK"]
+    out, (loss, kd, ce), got, want, _ = run_both(name, torch.float32, n=7, vocab=vocab, seed=5, chunk_size=4)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.ce_sum, ce, rtol=1e-4, atol=1e-5)
+    assert_grads_close(got, want, torch.float32)
+    assert torch.all(got[1][vocab:] == 0)
 
 
 @pytest.mark.parametrize("teacher_as_logits", [False, True])

@@ -6,6 +6,8 @@ GPUTarget("cuda", 90, 32) with Triton's NVIDIA backend (its bundled ptxas; no dr
 since in this one the kernels are already interpreter functions. The variants come from kd.ops.aot, which builds them
 with the launchers' own helpers; the default suite compiles a representative subset (every constexpr value, dtype and
 alignment class of each kernel, 24 compilations, ~15 s), `-m slow` all of them (360, ~3 minutes on 2 cores).
+Besides compiling, every variant must keep its loads and stores 128-bit vectorized in the block loops, also for a
+vocabulary that is not a multiple of 16.
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ def check_rows(rows: list[dict]) -> None:
     heavy = [f"{r['name']}: {r['registers']}" for r in rows if r["registers"] > MAX_REGISTERS]
     assert not heavy, "too many registers per thread:\n" + "\n".join(heavy)
     assert all(r["num_warps"] == r["constexprs"]["num_warps"] for r in rows)
+    # Every block loop over the rows moves 16 bytes per load / store instruction, whatever V (only a row's partial
+    # last block, outside the loops, is scalar); the backward kernel's loop stores, the fused kernel's too (in place).
+    narrow = [f"{r['name']}: loads {r['loop_ld_bits']}, stores {r['loop_st_bits']} bits" for r in rows
+              if r["loop_ld_bits"] != 128 or r["loop_st_bits"] != (None if r["kernel"] == "_dense_fwd_kernel" else 128)]
+    assert not narrow, "block loops not 128-bit vectorized:\n" + "\n".join(narrow)
+    # No row base the launchers pass is unaligned: the trainer's logits are V'-wide (V' a multiple of 16), the fused
+    # chunks and the dense gradient are allocated with padded rows. L (rows per sequence) never scales an address alone.
+    strides = [f"{r['name']}" for r in rows if set(r["unaligned"]) - {"V", "s_l", "t_l", "g_l"}]
+    assert not strides, "row strides not known to be multiples of 16:\n" + "\n".join(strides)
 
 
 def test_parse_ptxas_log():
@@ -86,6 +97,31 @@ def test_vector_load_width_from_ptx():
     scalar = "@%p3 ld.global.b16 { %rs2 }, [ %rd6 + 0 ];\nld.global.b64 { %rd9 }, [ %rd8 + 0 ];"
     assert aot.vector_load_bits(aligned) == 128
     assert aot.vector_load_bits(scalar) == 0
+
+
+def test_loop_access_width_from_ptx():
+    """Loads and stores inside LLVM's loops (marked by its block comments, blocks possibly out of order) count;
+    the ones outside (per-row scalars, a row's masked last block) do not."""
+    ptx = """
+// %bb.0:
+\tld.global.b8 { %rs1 }, [ %rd25 + 0 ];
+$L__BB0_48:                             // %exit
+                                        //   in Loop: Header=BB0_32 Depth=1
+\tst.global.v4.b32 [ %rd89 + 0 ], { %r1, %r2, %r3, %r4 };
+$L__BB0_32:                             // %body
+                                        // =>This Inner Loop Header: Depth=1
+\tld.global.L1::evict_last.v4.b32 { %r5, %r6, %r7, %r8 }, [ %rd5 + 0 ];
+\t@%p3 bra \t$L__BB0_48;
+// %bb.33:
+\t@%p4 ld.global.b16 { %rs2 }, [ %rd6 + 0 ];
+\tst.global.b16 [ %rd7 + 0 ], { %rs2 };
+"""
+    assert aot.loop_access_bits(ptx) == {"loop_ld_bits": 128, "loop_st_bits": 128}
+    scalar_in_loop = ptx.replace("// %bb.33:", "// %bb.33:                  //   in Loop: Header=BB0_32 Depth=1")
+    assert aot.loop_access_bits(scalar_in_loop) == {"loop_ld_bits": 16, "loop_st_bits": 16}
+    assert aot.loop_access_bits("// %bb.0:\n\tld.global.b32 { %r1 }, [ %rd1 + 0 ];\n") == {
+        "loop_ld_bits": None, "loop_st_bits": None}
+    assert aot.vector_load_bits(ptx) == 128
 
 
 def test_launches_cover_every_constexpr_combination():
@@ -129,6 +165,11 @@ def test_representative_variants_compile_for_sm90(tmp_path):
         assert {"V" in r["unaligned"] for r in mine} == {False, True}, kernel
     fused = [r["constexprs"] for r in rows if r["kernel"] == "_fused_chunk_kernel"]
     assert {(c["CE"], c["CE_SEPARATE"]) for c in fused} == {(False, False), (True, False), (True, True)}
+    # Qwen2.5's V = 151665: 128-bit loads in every kernel (before the full blocks ran unmasked and the fused chunks
+    # got padded rows, all its loads were scalar: vector_load_bits 0)
+    odd = [r for r in rows if "V" in r["unaligned"]]
+    assert {r["kernel"] for r in odd} == KERNELS
+    assert all(r["vector_load_bits"] == 128 and r["loop_ld_bits"] == 128 for r in odd), [r["name"] for r in odd]
 
 
 @pytest.mark.slow
