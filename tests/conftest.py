@@ -14,12 +14,32 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+SHM_PREFIX = "/dev/shm/deepspeed_allreduce_buffer_"
+
+
+def _mapped_shm_buffers() -> set[str]:
+    """The DeepSpeed all-reduce buffers some live process has mapped (from /proc/*/maps): those are in use, by this
+    session's runs or by another test session on the same machine."""
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                mapped.update(line.split()[-1] for line in f if SHM_PREFIX in line)
+        except OSError:  # the process ended, or is not ours to read
+            pass
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def _free_deepspeed_shared_memory():
     """Runs started without `kd train` (multinode.sh, accelerate, killed jobs) leave DeepSpeed's CPU all-reduce
-    buffers in /dev/shm; tests run one at a time, so after each test none of them is in use."""
+    buffers in /dev/shm; after each test the ones no live process maps are removed. (Removing a mapped one would hang
+    the run that owns it: its ranks find each other's buffers by name while they start.)"""
     yield
-    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+    in_use = _mapped_shm_buffers()
+    for path in glob.glob(SHM_PREFIX + "*"):
+        if path in in_use:
+            continue
         try:
             os.remove(path)
         except OSError:
