@@ -23,6 +23,7 @@ import torch
 
 from kd.engine import dist
 from kd.errors import UserError
+from kd.files import atomic_write
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "kd_manifest.json"
@@ -91,7 +92,7 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
                                    "Free space (or fix permissions) and resume")
     if dist.is_main():
         _write_manifest(tag_dir)
-        _atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         _prune(ckpt_dir, keep_last)
     dist.barrier()
     return tag
@@ -121,16 +122,7 @@ def _write_manifest(tag_dir: str) -> None:
         for name in names:
             full = os.path.join(root, name)
             files[os.path.relpath(full, tag_dir)] = os.path.getsize(full)
-    _atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps({"files": files}, indent=1, sort_keys=True))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(os.path.join(tag_dir, MANIFEST), json.dumps({"files": files}, indent=1, sort_keys=True))
 
 
 def is_complete(tag_dir: str) -> tuple[bool, str]:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from kd.errors import UserError
+from kd.files import atomic_write
 from kd.losses import functional as F
 from kd.losses.chunked import EAGER_BLOCK_ELEMENTS
 
@@ -195,14 +196,9 @@ def _check_json_target(json_out: Optional[str]) -> None:
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write `payload` to `path` atomically (temp file in the same directory, then rename)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{os.path.abspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write `payload` to `path` atomically (kd.files.atomic_write), creating its directory."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write(os.path.abspath(path), json.dumps(payload, indent=1) + "\n")
 
 
 def run(recipe_path: str, overrides: list[str], *, student: Optional[str] = None, untrained: bool = False,

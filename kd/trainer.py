@@ -28,6 +28,7 @@ from kd.engine import dist
 from kd.engine import safe_load
 from kd.engine.ds_config import merge, student_config, teacher_config
 from kd.engine.student import DistillationModule, build_engine, shift
+from kd.files import atomic_write
 from kd.losses import LossContext, LossOutput, build_loss
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
@@ -368,10 +369,7 @@ class Trainer:
     def _write_run_recipe(self) -> None:
         if dist.is_main():
             os.makedirs(self.run_dir, exist_ok=True)
-            tmp = os.path.join(self.run_dir, "recipe.yaml.tmp")
-            with open(tmp, "w") as f:
-                f.write(dump_recipe(self.recipe))
-            os.replace(tmp, os.path.join(self.run_dir, "recipe.yaml"))
+            atomic_write(os.path.join(self.run_dir, "recipe.yaml"), dump_recipe(self.recipe))
 
     def _total_steps(self) -> int:
         train = self.recipe.train
