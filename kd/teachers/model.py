@@ -52,8 +52,11 @@ class ModelTeacher:
         wanted: Any = list(layers) if select else hidden_states
         extra = {}
         if not logits:
-            # the last entry of hidden_states is the final-norm output (checked by tests/unit/teachers)
-            wanted = list(dict.fromkeys([*(layers if select else range(self.module.config.num_hidden_layers + 1)), -1]))
+            # the last entry of hidden_states is the final-norm output (checked by tests/unit/engine/test_fused_path.py)
+            if not hidden_states:
+                wanted = [-1]  # only the final hidden state: the other layers' outputs are not kept
+            elif select:
+                wanted = list(dict.fromkeys([*layers, -1]))
             extra["logits_to_keep"] = 1
         out = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                       output_hidden_states=wanted, use_cache=False, **extra)

@@ -100,6 +100,9 @@ def test_teacher_final_hidden_times_head_gives_its_logits():
     full = teacher(b, hidden_states=True)
     torch.testing.assert_close(out.hidden_states[0], full.hidden_states[1])
     torch.testing.assert_close(out.hidden_states[1], full.hidden_states[-1])
+    bare = teacher(b, logits=False)  # no hidden states asked for: only the final one comes back
+    assert bare.logits is None and bare.hidden_states is None
+    torch.testing.assert_close(bare.final_hidden, out.final_hidden)
 
 
 def test_fused_path_refuses_what_it_cannot_compute():
