@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if e.file is None and e.key is not None and getattr(args, "recipe", None):
             e.file = args.recipe
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(e.report(), file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

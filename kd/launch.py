@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.file is None and e.key is not None:
             e.file = args.recipe
         if os.environ.get("RANK", "0") == "0":
-            print(f"kd: error: {e}", file=sys.stderr, flush=True)
+            print(e.report(), file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     return 0
 

@@ -1,7 +1,8 @@
 """Recipe YAML -> validated `Recipe`, with `base:` inheritance, `key.path=value` overrides and one-line errors.
 
 Every way a recipe can be wrong ends in a `UserError` that names the file and the dotted key, e.g.
-``recipes/x.yaml: loss.temperature: expected a number, got 'hot'``.
+``recipes/x.yaml: loss.temperature: expected a number, got 'hot'``; schema problems are reported all at once, one
+line each, with the likely key for a misspelt one (``loss.temprature: unknown key; did you mean temperature?``).
 
 Inheritance: a top-level ``base: other.yaml`` (relative to the file that names it) loads that recipe first, itself
 resolved the same way, and merges this file over it. Mappings merge key by key; lists, scalars and ``null`` replace
@@ -14,6 +15,7 @@ remembers which file wrote each key, so an error names the file to fix, not just
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 from typing import Any, Iterable, Optional
 
@@ -77,7 +79,16 @@ def _merge(dst: dict[str, Any], src: dict[str, Any], file: str, prefix: KeyPath,
         else:
             dst[key] = copy.deepcopy(value)  # YAML anchors may share objects; later merges must not alias
             _forget_below(sources, path)
+            _record_below(value, file, path, sources)
         sources[path] = file  # the top-most file that mentions a section answers for the section as a whole
+
+
+def _record_below(value: Any, file: str, prefix: KeyPath, sources: Sources) -> None:
+    """Record that `file` wrote every key inside the section `value` (a later file may merge over some of them)."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            sources[prefix + (key,)] = file
+            _record_below(inner, file, prefix + (key,), sources)
 
 
 def _forget_below(sources: Sources, path: KeyPath) -> None:
@@ -147,17 +158,38 @@ def apply_override(raw: dict[str, Any], item: str, *, file: str, sources: Option
 
 
 def validate(raw: dict[str, Any], *, file: str, sources: Optional[Sources] = None) -> Recipe:
-    """Validate a raw (merged, overridden) recipe; an error names the file that wrote the offending key when
-    `sources` knows it, else `file` (the top recipe)."""
+    """Validate a raw (merged, overridden) recipe. Every problem is reported at once (one `UserError` carrying them
+    all, one line each), each naming the file that wrote the offending key when `sources` knows it, else `file`."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        errors = e.errors()
-        first = errors[0]
-        key = ".".join(str(p) for p in first["loc"])
-        more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-        where = _source_of(first["loc"], sources) or file
-        raise UserError(describe(first) + more, key=key or None, file=where) from None
+        by_key: dict[KeyPath, dict[str, Any]] = {}
+        for error in e.errors():
+            # the alternatives of a union (`resume: auto | never | str`) each report an error for the same key; the
+            # last alternative is the most general one, so its message is the one to show (dicts keep first order)
+            by_key[_key_path(error)] = error
+        problems = [UserError(describe(error), key=".".join(str(p) for p in loc) or None,
+                              file=_source_of(loc, sources) or file)
+                    for loc, error in by_key.items()]
+        raise UserError.several(problems) from None
+
+
+def _key_path(error: dict[str, Any]) -> KeyPath:
+    """The recipe key an error belongs to: its pydantic `loc` without the union tags pydantic adds
+    (``('resume', "literal['auto','never']")`` -> ``('resume',)``)."""
+    model: Any = Recipe
+    path: list[Any] = []
+    loc = tuple(error["loc"])
+    for depth, part in enumerate(loc):
+        fields = model.model_fields if model is not None else {}
+        if isinstance(part, str) and part in fields:
+            path.append(part)
+            model = _model_of(fields[part].annotation)
+        elif isinstance(part, int) or (error["type"] == "extra_forbidden" and depth == len(loc) - 1):
+            path.append(part)  # a list index, or the unknown key itself
+            model = None
+        # else: a union tag, not a key
+    return tuple(path)
 
 
 # pydantic error type -> what the key wanted, for "expected X, got Y"
@@ -179,6 +211,9 @@ def describe(error: dict[str, Any]) -> str:
         return "missing required key"
     if kind == "extra_forbidden":
         valid = _valid_keys(error["loc"][:-1])
+        near = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1, cutoff=0.7)
+        if near:  # a typo: the one key meant is more help than the whole list
+            return f"unknown key; did you mean {near[0]}?"
         return "unknown key" + (f" (valid keys: {', '.join(valid)})" if valid else "")
     if kind in _EXPECTED:
         return f"expected {_EXPECTED[kind]}, got {shown}"

@@ -1,4 +1,4 @@
-"""Bad recipes: one line naming the file and the key, exit code 2, no traceback."""
+"""Bad recipes: one line per problem naming the file and the key, exit code 2, no traceback."""
 from __future__ import annotations
 
 import subprocess
@@ -35,7 +35,9 @@ def with_(section: str, **values):
 
 @pytest.mark.parametrize("recipe, key, words", [
     (with_("loss", temperature="hot"), "loss.temperature", "expected a number, got 'hot'"),
-    (with_("loss", temprature=2.0), "loss.temprature", "unknown key (valid keys: name, temperature"),
+    (with_("loss", temprature=2.0), "loss.temprature", "unknown key; did you mean temperature?"),
+    (with_("loss", colour="red"), "loss.colour", "unknown key (valid keys: name, temperature"),
+    ({**BASE, "resume": 5}, "resume", "expected a string, got 5"),
     (with_("train", micro_batch_size=1.5), "train.micro_batch_size", "expected an integer"),
     (with_("data", kind="audio"), "data.kind", "'text' or 'chat'"),
     (with_("train", max_steps=0), "train.max_steps", "greater than or equal to 1"),
@@ -102,3 +104,52 @@ def test_no_traceback_in_a_real_process(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"kd: error: {path}: malformed YAML")
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    recipe = with_("loss", temprature=2.0)
+    recipe["train"] = {"max_steps": 3, "lr": "fast"}
+    del recipe["teacher"]
+    path = write(tmp_path, recipe)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: teacher: missing required key",
+        f"{path}: loss.temprature: unknown key; did you mean temperature?",
+        f"{path}: train.lr: expected a number, got 'fast'",
+    ]
+    assert [p.key for p in info.value.problems] == ["teacher", "loss.temprature", "train.lr"]
+
+
+def test_every_problem_in_a_real_process_names_its_file(tmp_path):
+    """Through the real CLI: a base with a typo, a child with a wrong type, an unknown section and a section missing
+    from both; every problem on its own `kd: error:` line naming the file to fix, exit code 2, no traceback."""
+    base = {k: v for k, v in BASE.items() if k != "teacher"}
+    base["loss"] = {"temprature": 2.0}
+    base_path = write(tmp_path, base, name="base.yaml")
+    child = write(tmp_path, {"base": "base.yaml", "train": {"seed": "x"}, "evall": {"interval": 2}}, name="bad.yaml")
+    result = subprocess.run([sys.executable, "-m", "kd.cli", "validate", child], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert sorted(result.stderr.strip().splitlines()) == sorted([
+        f"kd: error: {child}: teacher: missing required key",
+        f"kd: error: {base_path}: loss.temprature: unknown key; did you mean temperature?",
+        f"kd: error: {child}: train.seed: expected an integer, got 'x'",
+        f"kd: error: {child}: evall: unknown key; did you mean eval?",
+    ])
+
+
+def test_a_section_written_whole_by_a_base_keeps_its_file_when_a_child_adds_to_it(tmp_path):
+    base_path = write(tmp_path, {**BASE, "train": {"max_steps": 3, "lr": "fast"}}, name="base.yaml")
+    child = write(tmp_path, {"base": "base.yaml", "train": {"seed": 1}}, name="child.yaml")
+    with pytest.raises(UserError) as info:
+        load_recipe(child)
+    assert str(info.value) == f"{base_path}: train.lr: expected a number, got 'fast'"
+
+
+def test_several_problems_print_one_prefixed_line_each():
+    err = UserError.several([UserError("a", key="x", file="f.yaml"),
+                             UserError("b", key="y", file="g.yaml", more=[UserError("c", file="h.yaml")])])
+    assert err.report("kd: error: ").splitlines() == [
+        "kd: error: f.yaml: x: a", "kd: error: g.yaml: y: b", "kd: error: h.yaml: c"]
+    assert (err.message, err.key, err.file) == ("a", "x", "f.yaml")
