@@ -1,11 +1,10 @@
-"""tools/bench_step.py: the loss is timed apart from the student, the summary is the stated formula, and the tool
-runs end to end on the tiny setup (integration: it starts a process)."""
+"""tools/bench_step.py: the loss is timed apart from the student, the summary matches hand-computed values, and the
+tool recovers a loss's known sleeps end to end on the tiny setup (integration: it starts a process)."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -104,23 +103,38 @@ def test_phase_clock_charges_the_loss_and_not_the_student(fused):
     assert clock.take() == (0.0, 0.0)
 
 
-def test_phases_and_summary_are_the_stated_formulas():
+def test_phases_are_split_from_the_trainer_scalars():
     scalars = {"perf/teacher_s": 1.0, "perf/student_s": 3.0, "perf/optimizer_s": 0.5, "perf/step_s": 4.75}
     phases = bench.phases_of(scalars, loss_fwd=0.4, loss_bwd=0.6)
+    # every phase a different number, so a phase read from the wrong scalar or a swapped pair shows
     assert phases == pytest.approx({"teacher": 1.0, "student_fwd_bwd": 2.0, "loss_fwd": 0.4, "loss_bwd": 0.6,
                                     "optimizer": 0.5, "other": 0.25, "total": 4.75})
 
-    def step(total):
-        return {k: total / 7 for k in bench.PHASES} | {"total": total}
 
-    kd = [step(t) for t in (2.0, 9.0, 3.0)]
-    base = [step(t) for t in (1.0, 1.5, 4.0)]
-    result = bench.summarize(kd, base, tokens=300.0)
-    assert result["ratio"] == pytest.approx(3.0 / 1.5)
-    assert result["ratio_of_pairs"] == pytest.approx(2.0)  # pairs: 2/1, 9/1.5 = 6, 3/4
-    assert result["kd_tokens_per_s"] == pytest.approx(100.0)
-    assert result["baseline_tokens_per_s"] == pytest.approx(200.0)
-    assert result["kd"]["teacher"] == pytest.approx(3.0 / 7)
+def _steps(rows):
+    return [dict(zip((*bench.PHASES, "total"), row)) for row in rows]
+
+
+def test_summary_on_fixed_steps_matches_hand_computed_values():
+    #            teacher  student  loss_fwd loss_bwd optimizer other  total
+    kd = _steps([(0.5,    1.0,     0.2,     0.1,     0.1,      0.1,   2.0),
+                 (5.0,    2.5,     0.4,     0.5,     0.3,      0.3,   9.0),
+                 (6.0,    2.0,     0.3,     0.6,     0.3,      0.2,   4.0)])
+    base = _steps([(0.5,  0.3,     0.0,     0.0,     0.1,      0.1,   1.0),
+                   (1.0,  1.5,     0.0,     0.0,     0.4,      0.1,   3.0),
+                   (6.0,  1.5,     0.0,     0.0,     0.4,      0.1,   8.0)])
+    result = bench.summarize(kd, base, tokens=120.0)
+    # a median per phase, each on its own: the KD step with the median total (the third) has teacher 6.0 and loss
+    # backward 0.6, the medians of those phases are 5.0 and 0.5 (the second step's)
+    assert result["kd"] == pytest.approx({"teacher": 5.0, "student_fwd_bwd": 2.0, "loss_fwd": 0.3, "loss_bwd": 0.5,
+                                          "optimizer": 0.3, "other": 0.2, "total": 4.0})
+    assert result["baseline"] == pytest.approx({"teacher": 1.0, "student_fwd_bwd": 1.5, "loss_fwd": 0.0,
+                                                "loss_bwd": 0.0, "optimizer": 0.4, "other": 0.1, "total": 3.0})
+    assert result["ratio"] == pytest.approx(4.0 / 3.0)
+    # pairs in the order they ran: 2/1, 9/3, 4/8 -> median 2 (pairing sorted totals would give 4/3; a mean, 1.83)
+    assert result["ratio_of_pairs"] == pytest.approx(2.0)
+    assert result["kd_tokens_per_s"] == pytest.approx(30.0)
+    assert result["baseline_tokens_per_s"] == pytest.approx(40.0)
 
 
 class SleepyForwardKL(DivergenceLoss):
@@ -151,14 +165,20 @@ def test_bench_runs_on_the_tiny_setup(tmp_path):
     r = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(r["kd_steps"]) == len(r["baseline_steps"]) == 2
     assert r["tokens_per_step"] == 2 * 2 * 32  # micro-batch x accumulation x packed seq_len
-    kd_totals = [s["total"] for s in r["kd_steps"]]
-    base_totals = [s["total"] for s in r["baseline_steps"]]
-    assert r["ratio"] == pytest.approx(statistics.median(kd_totals) / statistics.median(base_totals))
-    assert r["kd_tokens_per_s"] == pytest.approx(128 / statistics.median(kd_totals))
+    # the medians reflect the loss's known sleeps: 0.6 s forward, 0.4 s backward per KD step, none in the baseline
+    kd, base = r["kd"], r["baseline"]
+    assert 0.6 <= kd["loss_fwd"] < 0.6 + 0.4 and 0.4 <= kd["loss_bwd"] < 0.4 + 0.4
+    assert base["loss_fwd"] < 0.3 and base["loss_bwd"] < 0.3
+    # the KD step holds the 1 s of sleeps on top of what the baseline does, and the rates say so
+    assert kd["total"] > base["total"] + 0.8
+    assert r["ratio"] > 1 and r["kd_tokens_per_s"] < r["baseline_tokens_per_s"]
     for kd, base in zip(r["kd_steps"], r["baseline_steps"]):
         # 2 micro-batches per step: 0.6 s of loss forward, 0.4 s of loss backward, none of it in the baseline
         assert 0.6 <= kd["loss_fwd"] < 0.6 + 0.4 and 0.4 <= kd["loss_bwd"] < 0.4 + 0.4
         assert base["loss_fwd"] < 0.3 and base["loss_bwd"] < 0.3
-        assert kd["student_fwd_bwd"] < base["student_fwd_bwd"] + 0.5  # the 1 s of sleeps was not charged to the student
+        # the 1 s of sleeps is charged to the loss, not to the student (either way: both models do the same work)
+        assert abs(kd["student_fwd_bwd"] - base["student_fwd_bwd"]) < 0.5
+        assert kd["total"] > 1.0 and kd["total"] > base["total"] + 0.8
         assert kd["teacher"] > 0 and base["teacher"] > 0 and kd["optimizer"] > 0
-        assert sum(kd[k] for k in bench.PHASES) == pytest.approx(kd["total"])
+        # bookkeeping outside the timed phases is small: a phase mislaid into "other" would show here
+        assert -0.05 < kd["other"] < 0.3 and -0.05 < base["other"] < 0.3
