@@ -59,6 +59,11 @@ class DivergenceSpec:
                 raise ValueError(f"{knob} must be in [0, 1], got {getattr(self, knob)}")
         if isinstance(self.taid_t, (int, float)) and not 0.0 <= self.taid_t <= 1.0:
             raise ValueError(f"taid_t must be in [0, 1], got {self.taid_t}")
+        # jsd's ends are the two KLs (TRL's GKD convention, kd.losses.functional.jsd), resolved here once so that
+        # every path (eager, chunked, Triton dense and fused) runs the KL itself rather than a mixture equal to one
+        # side. (frozen dataclass: the resolved name is set through object.__setattr__, before anyone reads it.)
+        if self.name == "jsd" and self.beta in (0.0, 1.0):
+            object.__setattr__(self, "name", "forward_kl" if self.beta == 0.0 else "reverse_kl")
 
     def knobs(self) -> dict[str, float]:
         """The keyword arguments of the eager divergence besides temperature."""

@@ -52,8 +52,7 @@ def _kl_from_log_probs(log_a: Tensor, log_b: Tensor) -> Tensor:
 def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
     """log(w * a + (1 - w) * b) from log-probabilities, stable (logaddexp of the log terms plus log weights).
 
-    The degenerate weights return the pure side exactly, which avoids ``log(0)`` and makes e.g. JSD with beta = 0
-    come out as exactly 0 with a zero (not NaN) gradient.
+    The degenerate weights return the pure side exactly, which avoids ``log(0)`` (skew KL at alpha = 0 or 1).
     """
     if weight_a <= 0.0:
         return log_b
@@ -65,7 +64,7 @@ def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
 def _attached_to_student(value: Tensor, log_q: Tensor) -> Tensor:
     """``value`` with a zero-valued link to the student, for degenerate weights where the value ignores the student.
 
-    E.g. JSD with beta = 1 is KL(p || p) = 0 whatever q is. Without the link the loss would have no grad_fn and a
+    E.g. skew_kl with alpha = 1 is KL(p || p) = 0 whatever q is. Without the link the loss would have no grad_fn and a
     recipe with ce_weight = 0 would crash in backward; with it, backward gives a zero gradient. ``q`` (not ``log q``)
     is used because it is always finite, so ``0 * q`` cannot be NaN.
     """
@@ -97,26 +96,38 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, te
     """Generalized Jensen-Shannon divergence (Agarwal et al., 2024, "On-Policy Distillation of Language Models", GKD).
 
         m = beta * p + (1 - beta) * q
-        JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)
+        JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)           0 < beta < 1
+        JSD_0 = KL(p || q) (forward_kl),   JSD_1 = KL(q || p) (reverse_kl)
 
-    beta = 0.5 is the usual symmetric JSD, bounded by log 2. beta = 0 or 1 makes m equal to q or p, and the value is
-    exactly 0 (with a zero gradient, never NaN): the term with weight 0 is skipped and the other is KL(x || x).
-    ``log m`` is a logaddexp of the two log-probabilities plus log weights, so it stays finite where p or q underflow.
+    beta = 0.5 is the usual symmetric JSD, bounded by log 2. The ends follow TRL's GKD ``generalized_jsd_loss``
+    (which this function matches to 6 digits inside (0, 1)): there m would equal one side and the formula above is
+    identically 0, a loss that trains nothing, so beta = 0 and beta = 1 mean the two KLs instead. They are the
+    limits of JSD_beta / beta (beta -> 0) and JSD_beta / (1 - beta) (beta -> 1): near an end the value is about
+    beta (or 1 - beta) times the end's, so the gradient points the same way, scaled. The value itself jumps at the
+    ends, as in TRL.
+
+    Inside (0, 1) the two log-ratios d = log(m / q) and e = log(m / p) are each one logaddexp of the log-probability
+    difference x = log p - log q and the log weights:  d = logaddexp(log(1 - beta), log(beta) + x),
+    e = logaddexp(log(beta), log(1 - beta) - x), and JSD = -beta sum p e - (1 - beta) sum q d. Near beta = 0, d is
+    of order beta and comes out to fp32 precision (log m - log q of two O(10) log-probabilities would lose it in
+    the subtraction); near beta = 1 the same holds for e. So JSD_beta / beta is accurate down to beta = 1e-6.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"jsd: beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        return forward_kl(student_logits, teacher_logits, temperature=temperature)
+    if beta == 1.0:
+        return reverse_kl(student_logits, teacher_logits, temperature=temperature)
     log_p = _log_probs(teacher_logits.detach(), temperature)
     log_q = _log_probs(student_logits, temperature)
-    log_m = _log_mixture(log_p, log_q, beta)
-    # Skip a zero-weight side instead of multiplying by 0: its KL may be inf (disjoint supports) and 0 * inf = NaN.
-    out = log_q.new_zeros(log_q.shape[:-1])
-    if beta > 0.0:
-        out = out + beta * _kl_from_log_probs(log_p, log_m)
-    if beta < 1.0:
-        out = out + (1.0 - beta) * _kl_from_log_probs(log_q, log_m)
-    else:
-        out = _attached_to_student(out, log_q)
-    return out
+    x = log_p - log_q  # -inf where the teacher masks an entry (the student's log-probabilities are finite)
+    log_b, log_1mb = math.log(beta), math.log1p(-beta)
+    d = torch.logaddexp(torch.full_like(x, log_1mb), x + log_b)
+    e = torch.logaddexp(torch.full_like(x, log_b), log_1mb - x)  # +inf where p = 0: selected away below
+    zero = torch.zeros_like(x)
+    kl_p = torch.where(log_p > float("-inf"), log_p.exp() * -e, zero).sum(dim=-1)
+    kl_q = (log_q.exp() * -d).sum(dim=-1)
+    return beta * kl_p + (1.0 - beta) * kl_q
 
 
 def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:

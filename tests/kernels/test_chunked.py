@@ -171,3 +171,22 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", torch.zeros(1))
     assert resolve_backend("auto", torch.zeros(1)) == "torch"  # CPU tensors: the torch path
+
+
+@pytest.mark.parametrize("beta, end", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_ends_resolve_to_the_kls_on_every_path(beta, end):
+    """One place turns jsd at beta 0 / 1 into forward / reverse KL: the spec every backend reads its name from."""
+    assert DivergenceSpec("jsd", beta=beta).name == end
+    assert DivergenceSpec("jsd", beta=0.5).name == "jsd"
+    gen = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(9, 131, generator=gen) * 2, torch.randn(9, 131, generator=gen) * 2
+    mask = torch.rand(9, generator=gen) > 0.3
+    grad_out = torch.rand(9, generator=gen) + 0.5
+    sk, sr = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    got = dense_divergence(sk, teacher, mask, divergence="jsd", beta=beta, temperature=1.3, backend="torch")
+    want = torch.where(mask, F.DIVERGENCES[end](sr, teacher, temperature=1.3), 0.0)
+    assert want.max() > 0.1
+    (got * grad_out).sum().backward()
+    (want * grad_out).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(sk.grad, sr.grad)

@@ -142,3 +142,20 @@ def test_shifted_view_vocab_cut():
     torch.testing.assert_close(got, (p * (p.log() - q.log())).sum(-1), rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(s_full.grad[:, :-1, :517], (q - p) / 2.0, rtol=1e-5, atol=1e-7)
     assert torch.all(s_full.grad[..., 517:] == 0) and torch.all(s_full.grad[:, -1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("beta, end", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_ends_are_the_kls(beta, end, dtype):
+    """jsd at beta = 0 / 1 is forward / reverse KL (TRL's GKD convention), against the KL reference itself."""
+    student, teacher, mask, grad_out = make(6, 1031, dtype, seed=8)
+    s_kernel, s_ref = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    got = dense_divergence(s_kernel, teacher, mask, divergence="jsd", beta=beta, temperature=1.3, backend="triton")
+    want = reference(s_ref, teacher, mask, end, 1.3, {})
+    assert want.max() > 0.1
+    (got * grad_out).sum().backward()
+    (want * grad_out).sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(s_kernel.grad.float(), s_ref.grad.float(), rtol=tol,
+                               atol=tol * s_ref.grad.float().abs().max().item())

@@ -153,3 +153,20 @@ def test_tied_embeddings_accumulate():
     emb.grad = None
     forward(False).backward()
     torch.testing.assert_close(got, emb.grad, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta, end", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_ends_are_the_kls(beta, end, monkeypatch):
+    """jsd at beta = 0 / 1 on the fused-linear kernel is forward / reverse KL (TRL's GKD convention): the loss, its
+    sums and both gradients against the KL reference on materialized logits."""
+    monkeypatch.setitem(KNOBS, "jsd", {"beta": beta})
+    out, _, got, _, _ = run_both("jsd", torch.float32, ce_weight=0.25)
+    monkeypatch.setitem(KNOBS, "jsd", {"beta": 0.5})
+    h, w, ht, wt, labels, mask = make(37, 16, 24, 1031, 9, torch.float32)
+    hr, wr = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    loss, kd, _ = reference(hr, wr, ht, wt, labels, mask, 1031, end, 1.7, 0.25, 11.0)
+    (loss * 1.3).backward()
+    assert kd > 1.0
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.kd_sum, kd, rtol=1e-4, atol=1e-5)
+    assert_grads_close(got, (hr.grad, wr.grad), torch.float32)

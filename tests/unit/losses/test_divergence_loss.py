@@ -111,12 +111,19 @@ def test_all_ignored_batch_sums_to_zero_and_backward_works():
     assert s.grad.abs().max() == 0
 
 
-def test_degenerate_jsd_still_backpropagates():
+@pytest.mark.parametrize("kernel", ["eager", "torch"])
+@pytest.mark.parametrize("beta, end", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_at_the_ends_trains_as_the_kls(kernel, beta, end):
+    """jsd with beta = 0 / 1 is forward / reverse KL (TRL's convention), not a loss of 0 that trains nothing."""
     s, t, labels = _batch(5)
-    s = s.requires_grad_(True)
-    out = DivergenceLoss("jsd", beta=1.0)(LossInputs(s, t, labels))
-    out.loss_sum.backward()  # would raise if the loss were disconnected from the student
-    assert float(out.loss_sum.detach()) == 0.0 and torch.isfinite(s.grad).all()
+    s_j, s_k = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got = DivergenceLoss("jsd", beta=beta, kernel=kernel, temperature=1.3)(LossInputs(s_j, t, labels))
+    want = DivergenceLoss(end, kernel="eager", temperature=1.3)(LossInputs(s_k, t, labels))
+    assert float(got.loss_sum.detach()) > 0.1
+    torch.testing.assert_close(got.loss_sum, want.loss_sum)
+    got.loss_sum.backward()
+    want.loss_sum.backward()
+    torch.testing.assert_close(s_j.grad, s_k.grad)
 
 
 def test_bf16_logits_give_fp32_sums():

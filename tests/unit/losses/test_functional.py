@@ -108,15 +108,36 @@ def test_skews_at_alpha_zero_are_the_plain_kls_and_zero_at_alpha_one():
         assert grad.abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("beta", [0.0, 1.0])
-def test_jsd_degenerate_beta_is_zero_without_nan(beta):
-    # Extreme logits: the pure KL between these is huge, so 0 * KL must not be computed as such.
-    s = _logits(15, scale=200.0).requires_grad_(True)
-    t = _logits(16, scale=200.0)
-    value = F.jsd(s, t, beta=beta)
-    assert torch.equal(value, torch.zeros_like(value))
-    value.sum().backward()
-    assert torch.isfinite(s.grad).all() and s.grad.abs().max() == 0
+@pytest.mark.parametrize("beta, end", [(0.0, "forward_kl"), (1.0, "reverse_kl")])
+def test_jsd_ends_are_the_two_kls(beta, end):
+    """TRL's GKD convention: beta = 0 is KL(p || q), beta = 1 is KL(q || p), values and gradients (not 0, as the
+    mixture formula gives there). Extreme logits too: no NaN from a mixture that equals one side."""
+    for scale in (3.0, 200.0):
+        s, t = _logits(15, scale=scale), _logits(16, scale=scale)
+        s_j, s_k = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        got, want = F.jsd(s_j, t, beta=beta, temperature=1.5), F.DIVERGENCES[end](s_k, t, temperature=1.5)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert got.abs().max() > 0.1
+        got.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(s_j.grad, s_k.grad, rtol=0, atol=0)
+    s, t = _logits(15), _logits(16)  # float64 textbook KL (finite at this scale)
+    np.testing.assert_allclose(F.jsd(s, t, beta=beta).numpy(), reference(end, s, t, 1.0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta, end", [(1e-6, "forward_kl"), (1.0 - 1e-6, "reverse_kl")])
+def test_jsd_near_the_ends_is_the_end_scaled(beta, end):
+    """Near an end JSD_beta is w times the end's KL (w = beta or 1 - beta) up to O(w^2): its gradient points the
+    same way, so moving beta to 0 or 1 does not change what the student learns. Computed to fp32 precision at
+    w = 1e-6 (log m - log q taken as one logaddexp, not a difference of two log-probabilities)."""
+    w = min(beta, 1.0 - beta)
+    s, t = _logits(19, scale=1.0, shape=(4, 257)), _logits(20, scale=1.0, shape=(4, 257))
+    s_j, s_k = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    got, want = F.jsd(s_j, t, beta=beta, temperature=0.8), F.DIVERGENCES[end](s_k, t, temperature=0.8)
+    torch.testing.assert_close(got / w, want, rtol=1e-4, atol=0)
+    got.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(s_j.grad / w, s_k.grad, rtol=0, atol=1e-3 * s_k.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("name,kw", CASES)
