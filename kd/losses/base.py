@@ -31,6 +31,10 @@ class LossInputs:
     # all layers (embeddings first) or those the loss names in student_hidden_layers / teacher_hidden_layers
     teacher_hidden: Optional[tuple[Tensor, ...]] = None
     step: int = 0  # optimizer step, for losses with schedules
+    # The factor backward will bring to loss_sum: the trainer backpropagates loss_sum * world / global loss tokens.
+    # Losses that compute their gradient in forward (the dense one-pass path, kd.ops.dense_loss) store it at this
+    # scale so backward has nothing left to do; None (unknown): stored at 1 and rescaled in backward, one more pass.
+    grad_scale: Optional[float] = None
 
 
 @dataclass

@@ -1,163 +1,34 @@
-"""Chunked eager divergences: bounded memory on any device, the CPU path and the reference of the kd.ops kernels.
+"""The eager spec applied a block of rows at a time: the reference of the kd.ops paths, and ``kernel: eager`` on the
+fused-linear path.
 
-Two entry points, both with autograd, both built on the per-token divergences of `kd.losses.functional`:
-
-- `chunked_dense_divergence`: per-row divergence over materialized logits ``[N, V]``. Forward runs the eager
-  divergence on blocks of rows without autograd; backward recomputes each block with autograd. The fp32
-  temporaries of the eager functions (``log_softmax`` of both sides, probabilities, ...) exist for one block of rows
-  at a time instead of for all N x V.
-- `fused_linear_divergence_torch`: from hidden states and lm_head weights. `FusedLinearChunks` computes the logits
-  of a block of rows (GEMMs), the block's loss and its gradient w.r.t. those logits, turns that into the gradients of
-  the hidden states and the weight (two more GEMMs), and drops the block: no N x V tensor ever exists. The per-block
-  step is pluggable: `eager_chunk_step` here, the Triton kernel in ``kd.ops.fused_linear_kl``.
+- `divergence_rows`: the per-row divergence of a `kd.ops.spec.DivergenceSpec` by kd.losses.functional (TAID: the
+  mixed logits of `kd.ops.torch_path.taid_logits`), the formula every kernel and the torch path are tested against.
+- `eager_chunk_step`: a chunk step of `kd.ops.chunks.FusedLinearChunks` built on it, gradient by autograd (fp32).
 
 TAID target (Shing et al., 2025; same definition as `functional.taid_target`): with ``t`` given, the teacher
 distribution ``p`` of the divergence is replaced by
 
     p_t = softmax((1 - t) * stopgrad(z_s / T) + t * z_t / T)
 
-and p_t is a constant for autograd. With ``forward_kl`` this is TAID's loss KL(p_t || q), gradient (q - p_t) / T;
-any other divergence may be paired with the same target. ``t`` may be a float or a 0-dim tensor (no host sync).
+and p_t is a constant for autograd. With ``forward_kl`` this is TAID's loss KL(p_t || q), gradient (q - p_t) / T.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from kd.losses.functional import DIVERGENCES, IGNORE_INDEX, cross_entropy
+from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar  # noqa: F401  (re-exported for callers of old)
+from kd.ops.torch_path import taid_logits
 
-Scalar = Union[float, Tensor]
-
-# Elements per block of rows (rows * V) for the eager paths: ~6 fp32 temporaries of this size live at once (~200 MB).
+# Elements per block of rows (rows * V) for bounded-memory eager passes (kd.evaluate's held-out sums).
 EAGER_BLOCK_ELEMENTS = 1 << 23
-
-
-@dataclass(frozen=True)
-class DivergenceSpec:
-    """Which divergence, with its knobs: the per-row loss the kernels and the eager path compute.
-
-    ``beta`` is used by jsd, ``alpha`` by skew_kl / skew_reverse_kl; ``taid_t`` (float in [0, 1] or 0-dim tensor)
-    swaps the teacher distribution for the TAID target (module docstring).
-    """
-
-    name: str
-    temperature: float = 1.0
-    beta: float = 0.5
-    alpha: float = 0.1
-    taid_t: Optional[Scalar] = None
-
-    def __post_init__(self) -> None:
-        if self.name not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.name!r}; valid: {', '.join(DIVERGENCES)}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for knob in ("beta", "alpha"):
-            if not 0.0 <= getattr(self, knob) <= 1.0:
-                raise ValueError(f"{knob} must be in [0, 1], got {getattr(self, knob)}")
-        if isinstance(self.taid_t, (int, float)) and not 0.0 <= self.taid_t <= 1.0:
-            raise ValueError(f"taid_t must be in [0, 1], got {self.taid_t}")
-        # jsd's ends are the two KLs (TRL's GKD convention, kd.losses.functional.jsd), resolved here once so that
-        # every path (eager, chunked, Triton dense and fused) runs the KL itself rather than a mixture equal to one
-        # side. (frozen dataclass: the resolved name is set through object.__setattr__, before anyone reads it.)
-        if self.name == "jsd" and self.beta in (0.0, 1.0):
-            object.__setattr__(self, "name", "forward_kl" if self.beta == 0.0 else "reverse_kl")
-
-    def knobs(self) -> dict[str, float]:
-        """The keyword arguments of the eager divergence besides temperature."""
-        return {"jsd": {"beta": self.beta}, "skew_kl": {"alpha": self.alpha},
-                "skew_reverse_kl": {"alpha": self.alpha}}.get(self.name, {})
-
-
-def taid_logits(student_logits: Tensor, teacher_logits: Tensor, t: Scalar) -> Tensor:
-    """fp32 logits ``(1 - t) * stopgrad(z_s) + t * z_t`` whose softmax at temperature T is the TAID target.
-
-    The ends return one side untouched: ``0 * (-inf)`` would be NaN where the teacher masks an entry.
-    """
-    z_s, z_t = student_logits.detach().float(), teacher_logits.detach().float()
-    if isinstance(t, Tensor):
-        t = t.to(device=z_s.device, dtype=torch.float32)
-        return torch.where(t >= 1.0, z_t, torch.where(t <= 0.0, z_s, (1.0 - t) * z_s + t * z_t))
-    if t <= 0.0:
-        return z_s
-    if t >= 1.0:
-        return z_t
-    return (1.0 - t) * z_s + t * z_t
 
 
 def divergence_rows(student_logits: Tensor, teacher_logits: Tensor, spec: DivergenceSpec) -> Tensor:
     """Eager per-row divergence ``[...]`` (fp32) of logits ``[..., V]``: the spec the kernels are tested against."""
     target = teacher_logits if spec.taid_t is None else taid_logits(student_logits, teacher_logits, spec.taid_t)
     return DIVERGENCES[spec.name](student_logits, target, temperature=spec.temperature, **spec.knobs())
-
-
-def _row_blocks(n_rows: int, rows_per_block: int):
-    for start in range(0, n_rows, rows_per_block):
-        yield slice(start, min(start + rows_per_block, n_rows))
-
-
-def _rows_per_block(vocab: int, chunk_size: Optional[int]) -> int:
-    return chunk_size if chunk_size is not None else max(1, EAGER_BLOCK_ELEMENTS // max(vocab, 1))
-
-
-class _ChunkedDense(torch.autograd.Function):
-    """Per-row divergence with recomputation per block of rows in backward (bounded fp32 memory)."""
-
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, mask: Tensor, spec: DivergenceSpec, rows: int) -> Tensor:
-        out = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
-        for blk in _row_blocks(student.shape[0], rows):
-            out[blk] = torch.where(mask[blk], divergence_rows(student[blk], teacher[blk], spec), 0.0)
-        ctx.save_for_backward(student, teacher, mask)
-        ctx.spec, ctx.rows = spec, rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        student, teacher, mask = ctx.saved_tensors
-        grad = torch.empty_like(student)
-        for blk in _row_blocks(student.shape[0], ctx.rows):
-            with torch.enable_grad():
-                leaf = student[blk].detach().requires_grad_(True)
-                rows = torch.where(mask[blk], divergence_rows(leaf, teacher[blk], ctx.spec), 0.0)
-                (g,) = torch.autograd.grad(rows, leaf, grad_out[blk])
-            grad[blk] = g
-        return grad, None, None, None, None
-
-
-def chunked_dense_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, spec: DivergenceSpec,
-                             chunk_size: Optional[int] = None) -> Tensor:
-    """Per-row divergence of ``[..., V]`` logits, 0 where ``mask`` is False, autograd to the student logits only."""
-    vocab = student_logits.shape[-1]
-    out = _ChunkedDense.apply(student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab).detach(),
-                              mask.reshape(-1), spec, _rows_per_block(vocab, chunk_size))
-    return out.view(mask.shape)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Fused linear + divergence, chunked over rows
-
-
-@dataclass
-class FusedLossOutput:
-    """Result of a fused-linear loss. ``loss`` carries the gradient; the parts are detached, for logging.
-
-    loss = ((1 - ce_weight) * kd_sum + ce_weight * ce_sum) / normalizer. ``ce_sum`` is 0 when ce_weight == 0 (the CE
-    is not computed then). ``num_tokens`` counts the rows where ``mask`` is True.
-    """
-
-    loss: Tensor
-    kd_sum: Tensor
-    ce_sum: Tensor
-    num_tokens: Tensor
-
-
-# A chunk step: (student_logits [C, V] in place -> dlogits, teacher_logits [C, V], mask [C], labels [C], spec,
-# kd_weight, ce_weight) -> (kd_rows [C] fp32, ce_rows [C] fp32). It overwrites the student logits with the gradient of
-# sum_rows(kd_weight * mask * kd_row + ce_weight * (label valid) * ce_row) w.r.t. them, in their dtype.
-ChunkStep = Callable[[Tensor, Tensor, Tensor, Tensor, DivergenceSpec, float, float], tuple[Tensor, Tensor]]
 
 
 def eager_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor,
@@ -174,146 +45,3 @@ def eager_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tenso
         (grad,) = torch.autograd.grad(total, leaf)
     student_logits.copy_(grad)
     return kd_rows.detach(), ce_rows.detach()
-
-
-def _flat_logits(x: Tensor) -> Tensor:
-    """``[..., V]`` teacher logits as a 2-D view, or a 3-D ``[B, L, V]`` that cannot be viewed so (the trainer's
-    shifted logits): its rows are copied one block at a time (`_block_rows`) instead of all N x V at once."""
-    try:
-        return x.view(-1, x.shape[-1])
-    except RuntimeError:
-        return x if x.dim() == 3 else x.reshape(-1, x.shape[-1])
-
-
-# Row stride of the fused path's [C, V] logit blocks: V rounded up to a multiple of 16 elements, so that every row
-# starts 16-aligned and the Triton kernel's loads and stores stay 128-bit vectors when V is not a multiple of 16
-# (the trainer cuts to the tokenizer's vocabulary, e.g. 151665 for Qwen2.5; kd.ops.row_math). A [C, V] GEMM output
-# would have row stride V. The padding columns are never read or written: GEMMs take the strided view as it is.
-ROW_ALIGN = 16
-
-
-def _logit_block(rows: int, vocab: int, like: Tensor) -> Tensor:
-    """An uninitialized ``[rows, vocab]`` block (dtype and device of ``like``) with its row stride rounded up to
-    ``ROW_ALIGN``: a view of a slightly wider buffer."""
-    width = -(-vocab // ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(rows, width, dtype=like.dtype, device=like.device)[:, :vocab]
-
-
-def _block_rows(x: Tensor, blk: slice, vocab: int) -> Tensor:
-    """Rows ``blk``, first ``vocab`` columns, of the flattened rows of a `_flat_logits` tensor: a view when 2-D; when
-    3-D, a copy into a `_logit_block`, one slice copy per sequence the block touches (no index tensors, and only the
-    ``vocab`` columns move)."""
-    if x.dim() == 2:
-        return x[blk, :vocab]
-    out = _logit_block(blk.stop - blk.start, vocab, x)
-    row = blk.start
-    while row < blk.stop:
-        b, pos = divmod(row, x.shape[1])
-        n = min(blk.stop - row, x.shape[1] - pos)
-        out[row - blk.start:row - blk.start + n].copy_(x[b, pos:pos + n, :vocab])
-        row += n
-    return out
-
-
-def _head_logits(hidden: Tensor, weight: Tensor) -> Tensor:
-    """``hidden @ weight^T`` written into a `_logit_block` (row stride aligned, see ROW_ALIGN)."""
-    return torch.mm(hidden, weight.t(), out=_logit_block(hidden.shape[0], weight.shape[0], hidden))
-
-
-def _accumulate_weight_grad(acc: Tensor, dlogits: Tensor, hidden: Tensor) -> None:
-    """``acc (fp32) += dlogits^T @ hidden``; on CUDA a bf16/fp16 GEMM writing fp32 directly (no fp32 GEMM)."""
-    if acc.dtype == dlogits.dtype:
-        acc.addmm_(dlogits.t(), hidden)
-    elif acc.is_cuda:
-        try:  # cuBLAS GEMM with an fp32 output and beta = 1 (torch >= 2.9): exact fp32 accumulation across chunks
-            torch.addmm(acc, dlogits.t(), hidden, out_dtype=torch.float32, out=acc)
-        except (TypeError, RuntimeError):
-            acc.add_(dlogits.t() @ hidden)  # older torch: one rounding to the low precision per chunk
-    else:
-        acc.addmm_(dlogits.t().float(), hidden.float())
-
-
-class FusedLinearChunks(torch.autograd.Function):
-    """``loss = S / normalizer``, ``S = (1 - w) * kd_sum + w * ce_sum``, of a linear head; gradients computed in
-    forward, chunk by chunk.
-
-    For each block of rows c: ``z_s = h_s[c] W_s^T`` and ``z_t = h_t[c] W_t^T`` (or the given teacher logits), the
-    chunk step turns z_s into ``G = dS/dz_s`` in place, then ``dS/dh_s[c] = G W_s`` and ``dS/dW_s += G^T h_s[c]``
-    (fp32 accumulator, divided by the normalizer before the cast to the weight dtype, so a sum over many tokens cannot
-    overflow fp16). Backward only scales the stored gradients by grad_output, so grad_output != 1 costs two small
-    elementwise products, and it never touches W_s (a ZeRO-3 lm_head need not be gathered again). Peak extra memory:
-    two [C, V] logit blocks in the input dtype, the [V, Hs] fp32 accumulator (plus its cast), the [N, Hs] gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Optional[Tensor], w_t: Optional[Tensor],
-                z_t: Optional[Tensor], mask: Tensor, labels: Tensor, spec: DivergenceSpec, ce_weight: float,
-                vocab: int, rows: int, step: ChunkStep, normalizer: Scalar):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        w_shared = w_s[:vocab]  # rows past the shared vocabulary (padding) get no logits and a zero gradient
-        grad_h = torch.empty(h_s.shape, dtype=h_s.dtype, device=h_s.device) if want_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if want_w else None
-        kd_rows = torch.zeros(h_s.shape[0], dtype=torch.float32, device=h_s.device)
-        ce_rows = torch.zeros_like(kd_rows)
-        for blk in _row_blocks(h_s.shape[0], rows):
-            logits = _head_logits(h_s[blk], w_shared)
-            teacher = _block_rows(z_t, blk, vocab) if z_t is not None else _head_logits(h_t[blk], w_t[:vocab])
-            kd_rows[blk], ce_rows[blk] = step(logits, teacher, mask[blk], labels[blk], spec, 1.0 - ce_weight,
-                                              ce_weight)
-            del teacher
-            if want_h:
-                torch.mm(logits, w_shared, out=grad_h[blk])
-            if want_w:
-                _accumulate_weight_grad(grad_w[:vocab], logits, h_s[blk])
-            del logits  # before the next block's GEMM allocates its own
-        if want_w:  # back to the parameter dtype now: the fp32 accumulator must not live until backward
-            grad_w = grad_w.div_(normalizer).to(w_s.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.normalizer = normalizer
-        kd_sum, ce_sum = kd_rows.sum(), ce_rows.sum()
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return ((1.0 - ce_weight) * kd_sum + ce_weight * ce_sum) / normalizer, kd_sum, ce_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _kd: Tensor, _ce: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        # Out of place (a retained graph may run backward twice); each product is computed in fp32, rounded once.
-        out_h = grad_h * (grad_loss / ctx.normalizer) if grad_h is not None else None
-        out_w = grad_w * grad_loss if grad_w is not None else None
-        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None
-
-
-def fused_linear_divergence_torch(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, labels: Tensor, *,
-                                  teacher_hidden: Optional[Tensor], teacher_weight: Optional[Tensor],
-                                  teacher_logits: Optional[Tensor], spec: DivergenceSpec, ce_weight: float = 0.0,
-                                  normalizer: Scalar = 1.0, vocab_size: Optional[int] = None,
-                                  chunk_size: Optional[int] = None,
-                                  step: ChunkStep = eager_chunk_step) -> FusedLossOutput:
-    """The chunked fused-linear loss (see `kd.ops.fused_linear_divergence` for the arguments); ``step`` picks the
-    per-chunk computation (eager here, Triton in kd.ops)."""
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_weight is None):
-        raise ValueError("give either teacher_logits or both teacher_hidden and teacher_weight")
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
-    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
-    if not torch.is_grad_enabled():  # eval: Function.forward would still see needs_input_grad and run the grad GEMMs
-        h_s, student_weight = h_s.detach(), student_weight.detach()
-    mask, labels = mask.reshape(-1), labels.reshape(-1)
-    h_t = teacher_hidden.reshape(-1, teacher_hidden.shape[-1]).detach() if teacher_hidden is not None else None
-    z_t = _flat_logits(teacher_logits.detach()) if teacher_logits is not None else None
-    w_t = teacher_weight.detach() if teacher_weight is not None else None
-    vocab = vocab_size if vocab_size is not None else student_weight.shape[0]
-    t_vocab = z_t.shape[-1] if z_t is not None else w_t.shape[0]
-    if not 0 < vocab <= min(student_weight.shape[0], t_vocab):
-        raise ValueError(f"vocab_size {vocab} exceeds the student ({student_weight.shape[0]}) or teacher ({t_vocab}) "
-                         "vocabulary")
-    t_rows = z_t.numel() // z_t.shape[-1] if z_t is not None else h_t.shape[0]
-    if not h_s.shape[0] == mask.shape[0] == labels.shape[0] == t_rows:
-        raise ValueError(f"rows differ: hidden {h_s.shape[0]}, mask {mask.shape[0]}, labels {labels.shape[0]}, "
-                         f"teacher {t_rows}")
-    if isinstance(normalizer, Tensor):
-        normalizer = normalizer.detach().to(device=h_s.device, dtype=torch.float32)
-    loss, kd_sum, ce_sum = FusedLinearChunks.apply(h_s, student_weight, h_t, w_t, z_t, mask, labels, spec,
-                                                   float(ce_weight), vocab, _rows_per_block(vocab, chunk_size), step,
-                                                   normalizer)
-    return FusedLossOutput(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=mask.sum())

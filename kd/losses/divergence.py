@@ -16,7 +16,20 @@ from kd.errors import UserError
 from kd.losses.base import (DistillationLoss, FusedInputs, LossInputs, LossOutput, fused_mix_with_ce, loss_token_mask,
                             masked_sum, mix_with_ce)
 from kd.losses.functional import DIVERGENCES, cross_entropy
-from kd.ops import dense_divergence
+from kd.ops import dense_loss
+
+
+def dense_mix_with_ce(name: str, inputs: LossInputs, *, divergence: str, temperature: float, ce_weight: float,
+                      kernel: str, **divergence_kwargs) -> LossOutput:
+    """``(1 - w) * divergence + w * CE`` summed over loss tokens by `kd.ops.dense_loss`: loss, CE and the gradient
+    of both in one pass over the logits (stored at ``inputs.grad_scale``), both parts as logging terms."""
+    out = dense_loss(inputs.student_logits, inputs.teacher_logits, loss_token_mask(inputs.labels), inputs.labels,
+                     divergence=divergence, temperature=temperature, ce_weight=ce_weight,
+                     grad_scale=inputs.grad_scale, backend=kernel, **divergence_kwargs)
+    terms = {name: out.kd_sum}
+    if ce_weight > 0.0:
+        terms["ce"] = out.ce_sum
+    return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
@@ -36,8 +49,8 @@ class DivergenceLoss(DistillationLoss):
             skew_reverse_kl).
         temperature: softmax temperature of both distributions in the divergence (not in the CE); no T^2 factor.
         ce_weight: w in [0, 1].
-        kernel: backend of `kd.ops.dense_divergence`: "auto" (Triton on CUDA, else the chunked PyTorch path with
-            closed-form gradients and bounded fp32 memory), "triton", "torch", or "eager" for the plain
+        kernel: backend of `kd.ops.dense_loss`: "auto" (Triton on CUDA, else the torch path with closed-form
+            gradients, computed with the loss, and bounded fp32 memory), "triton", "torch", or "eager" for the plain
             `kd.losses.functional` formula (the spec; autograd through every op, full fp32 copies of the logits).
         **divergence_kwargs: the divergence's own knobs (``beta`` for jsd, ``alpha`` for the skew KLs).
     """
@@ -67,14 +80,13 @@ class DivergenceLoss(DistillationLoss):
         """Sum the mixed per-token loss over the loss tokens of this micro-batch."""
         if inputs.teacher_logits is None:
             raise ValueError(f"{self.divergence} needs teacher_logits (the trainer must run the teacher)")
-        mask = loss_token_mask(inputs.labels)
         if self.kernel == "eager":
+            mask = loss_token_mask(inputs.labels)
             per_token = self._fn(inputs.student_logits, inputs.teacher_logits, temperature=self.temperature,
                                  **self.divergence_kwargs)
-        else:
-            per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence=self.divergence,
-                                         temperature=self.temperature, backend=self.kernel, **self.divergence_kwargs)
-        return mix_with_ce("kd", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
+            return mix_with_ce("kd", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
+        return dense_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
+                                 ce_weight=self.ce_weight, kernel=self.kernel, **self.divergence_kwargs)
 
     def fused(self, inputs: FusedInputs) -> LossOutput:
         """The same loss from hidden states and lm_head weights (`kd.ops.fused_linear_divergence`: the logits exist

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from kd.ops.spec import IGNORE_INDEX
 
 
 def _log_probs(logits: Tensor, temperature: float) -> Tensor:

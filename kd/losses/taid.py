@@ -7,7 +7,7 @@ The student is trained toward an intermediate distribution that starts near its 
     L_TAID = sum over loss tokens of KL(p_t || q),   q = softmax(z_s / T)     (`functional.taid_kl`)
     total  = (1 - r) * CE(labels) + r * L_TAID,      r = 1 - loss.ce_weight   (r = 1 by default)
 
-The TAID term runs through `kd.ops.dense_divergence` with ``taid_t = t`` (the kernels' TAID target, the same math),
+The TAID term runs through `kd.ops.dense_loss` with ``taid_t = t`` (the kernels' TAID target, the same math),
 as ``loss.kernel`` says: the fused Triton kernel on CUDA, the chunked PyTorch path elsewhere (bounded fp32 memory);
 `functional.taid_kl` is the eager spec both are tested against.
 
@@ -48,8 +48,8 @@ from kd.config.schema import LossConfig
 from kd.errors import UserError
 from kd.losses.base import (DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, fused_mix_with_ce,
                             loss_token_mask, masked_sum, mix_with_ce)
+from kd.losses.divergence import dense_mix_with_ce
 from kd.losses.functional import taid_kl
-from kd.ops import dense_divergence
 
 # Guard of the relative change against J_prev = 0, as in the paper.
 _EPS = 1e-15
@@ -90,7 +90,7 @@ class TAIDLoss(DistillationLoss):
         self.t_start, self.t_end = float(taid.t_start), float(taid.t_end)
         self.alpha, self.beta = float(taid.alpha), float(taid.beta)
         self.adaptive = bool(taid.adaptive)
-        self.kernel = cfg.kernel  # "auto" | "triton" | "torch": the backend of kd.ops.dense_divergence; "eager": taid_kl
+        self.kernel = cfg.kernel  # "auto" | "triton" | "torch": the backend of kd.ops.dense_loss; "eager": taid_kl
         self.total_steps = int(context.total_steps)
         # Schedule state (host floats; see get_extra_state).
         self.t = self.t_start
@@ -103,14 +103,13 @@ class TAIDLoss(DistillationLoss):
         """Sum the mixed per-token loss over this micro-batch's loss tokens at the current t."""
         if inputs.teacher_logits is None:
             raise ValueError("taid needs teacher_logits (the trainer must run the teacher)")
-        mask = loss_token_mask(inputs.labels)
         # KL(p_t || q) per token; rows outside the mask give 0 and no gradient. t is a host float: no sync.
         if self.kernel == "eager":  # the reference formula (autograd through every op)
+            mask = loss_token_mask(inputs.labels)
             per_token = taid_kl(inputs.student_logits, inputs.teacher_logits, self.t, temperature=self.temperature)
-        else:
-            per_token = dense_divergence(inputs.student_logits, inputs.teacher_logits, mask, divergence="forward_kl",
-                                         temperature=self.temperature, taid_t=self.t, backend=self.kernel)
-        return mix_with_ce("taid", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
+            return mix_with_ce("taid", masked_sum(per_token, mask), inputs, mask, self.ce_weight)
+        return dense_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
+                                 ce_weight=self.ce_weight, kernel=self.kernel, taid_t=self.t)
 
     def fused(self, inputs: FusedInputs) -> LossOutput:
         """TAID from hidden states and lm_head weights (`kd.ops.fused_linear_divergence` with ``taid_t``)."""

@@ -1,11 +1,13 @@
 """Fused KL kernels: the divergence losses over a large vocabulary, lean in memory, in Triton on CUDA.
 
-Two families, each with a Triton implementation (imported only when used) and the chunked eager path of
-`kd.losses.chunked` (CPU, or ``backend="torch"``); both are tested against the eager divergences of
-`kd.losses.functional`:
+Two families, each with a Triton implementation (imported only when used) and a closed-form torch path
+(kd.ops.torch_path: CPU, or ``backend="torch"``); both compute the loss and its gradient in one pass over each block
+of logits, and both are tested against the eager divergences of `kd.losses.functional` (the spec). kd.ops imports
+nothing from kd.losses (what both share is kd.ops.spec):
 
-    dense_divergence(student_logits, teacher_logits, mask, divergence=...)                -> per-row loss [N]
-    fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_...)   -> FusedLossOutput
+    dense_loss(student_logits, teacher_logits, mask, labels, divergence=..., grad_scale=...) -> FusedLossOutput
+    dense_divergence(student_logits, teacher_logits, mask, divergence=...)                   -> per-row loss [N]
+    fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_...)      -> FusedLossOutput
 
 ``divergence`` is a name of `kd.losses.functional.DIVERGENCES`; ``taid_t`` (float or 0-dim tensor) replaces the
 teacher distribution by TAID's target softmax((1 - t) * stopgrad(z_s / T) + t * z_t / T) (`functional.taid_target`);
@@ -19,7 +21,10 @@ from typing import Optional
 
 from torch import Tensor
 
-__all__ = ["FusedLossOutput", "dense_divergence", "fused_linear_divergence", "resolve_backend", "triton_available"]
+from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar
+
+__all__ = ["DivergenceSpec", "FusedLossOutput", "dense_divergence", "dense_loss", "fused_linear_divergence",
+           "resolve_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -57,16 +62,45 @@ def dense_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tenso
         ``[N]`` fp32 loss per row, autograd to ``student_logits``.
     """
     spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    student_logits, teacher_logits = _checked(student_logits, teacher_logits, mask, vocab_size)
+    from kd.ops.dense import dense_divergence_rows
+    return dense_divergence_rows(student_logits, teacher_logits, mask.bool(), spec,
+                                 resolve_backend(backend, student_logits), chunk_size)
+
+
+def _checked(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, vocab_size: Optional[int]):
     if vocab_size is not None:
         student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
     if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != mask.shape:
         raise ValueError(f"shapes differ: student {tuple(student_logits.shape)}, teacher "
                          f"{tuple(teacher_logits.shape)}, mask {tuple(mask.shape)}")
-    mask = mask.bool()
-    if resolve_backend(backend, student_logits) == "triton":
-        from kd.ops.dense_kl import dense_divergence_triton
-        return dense_divergence_triton(student_logits, teacher_logits, mask, spec)
-    return chunked_dense_divergence(student_logits, teacher_logits, mask, spec, chunk_size)
+    return student_logits, teacher_logits
+
+
+def dense_loss(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor, *, divergence: str,
+               temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1, taid_t: Optional[Scalar] = None,
+               ce_weight: float = 0.0, grad_scale: Optional[float] = None, backend: str = "auto",
+               vocab_size: Optional[int] = None, chunk_size: Optional[int] = None) -> FusedLossOutput:
+    """``(1 - w) * sum(mask * D) + w * sum(valid * CE)`` over materialized logits, with its gradient computed in
+    the same pass (kd.ops.dense). CE at T = 1, skipped when w = 0.
+
+    Args:
+        student_logits, teacher_logits, mask, divergence, ...: as `dense_divergence`.
+        labels: ``[...]`` next-token ids for the CE term, -100 where none.
+        grad_scale: the grad_output backward will bring (the trainer's world / global loss tokens); the gradient is
+            stored at that scale. Another grad_output (or None: stored at 1) rescales it in backward.
+    Returns:
+        `FusedLossOutput`: ``loss`` (a sum, autograd to the student logits), kd_sum and ce_sum detached, num_tokens.
+    """
+    spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    student_logits, teacher_logits = _checked(student_logits, teacher_logits, mask, vocab_size)
+    if labels.shape != mask.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and mask {tuple(mask.shape)} differ")
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    from kd.ops.dense import dense_loss_rows
+    return dense_loss_rows(student_logits, teacher_logits, mask.bool(), labels, spec, 1.0 - ce_weight, ce_weight,
+                           grad_scale, resolve_backend(backend, student_logits), chunk_size)
 
 
 def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, labels: Tensor, *,
@@ -99,10 +133,5 @@ def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, mask
     if resolve_backend(backend, student_hidden) == "triton":
         from kd.ops.fused_linear_kl import fused_linear_divergence_triton
         return fused_linear_divergence_triton(student_hidden, student_weight, mask, labels, **kwargs)
-    from kd.losses.chunked import fused_linear_divergence_torch
-    return fused_linear_divergence_torch(student_hidden, student_weight, mask, labels, **kwargs)
-
-
-# Imported last: kd.losses imports `dense_divergence` from this package, so when kd.ops is imported first the functions
-# above must exist before kd.losses (pulled in by kd.losses.chunked) starts importing.
-from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, chunked_dense_divergence  # noqa: E402
+    from kd.ops.chunks import fused_linear_chunks
+    return fused_linear_chunks(student_hidden, student_weight, mask, labels, **kwargs)

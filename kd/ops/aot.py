@@ -5,10 +5,10 @@ nothing about registers. Here every kernel variant the launchers can produce is 
 ``GPUTarget("cuda", 90, 32)``) down to a cubin, and ptxas's verbose log of that compilation gives its resources.
 
 - `scenarios()`: the launches of every divergence x TAID x CE weight x temperature x dtype x vocabulary (x teacher
-  source for the fused kernel), built by the launchers' own helpers (`dense_kl.forward_launch` / `backward_launch`,
-  `fused_linear_kl.chunk_launch`, `launch_config` for CUDA) on meta tensors laid out as the trainer passes them: the
+  source for the fused kernel), built by the launchers' own helpers (`dense_kl.rows_launch` for the dense
+  and the fused path, `launch_config` for CUDA) on meta tensors laid out as the trainer passes them: the
   shifted ``[B, L, V']`` logits cut to the shared vocabulary V; the fused kernel's ``[C, V]`` chunks come from
-  `kd.losses.chunked.fused_linear_divergence_torch` itself. A new constexpr or argument in a launcher shows up here
+  `kd.ops.chunks.fused_linear_chunks` itself. A new constexpr or argument in a launcher shows up here
   without an edit.
 - `variants()`: each launch specialized as Triton's runtime specializes it (its binder: constexprs, argument types,
   16-divisibility of pointers and integers), one per distinct compilation.
@@ -37,8 +37,9 @@ from typing import Any, Iterator
 
 import torch
 
-from kd.losses.chunked import DivergenceSpec, fused_linear_divergence_torch
 from kd.ops import dense_kl, fused_linear_kl
+from kd.ops.chunks import fused_linear_chunks
+from kd.ops.spec import DivergenceSpec
 from kd.ops import row_math as rm
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -98,17 +99,17 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def _dense_launches(spec: DivergenceSpec, dtype: torch.dtype, vocab: int, width: int) -> list[dense_kl.Launch]:
-    """Forward and backward launches of `dense_kl._DenseDivergence` for the trainer's shifted, vocab-cut logits."""
+def _dense_launches(spec: DivergenceSpec, dtype: torch.dtype, vocab: int, width: int,
+                    ce_weight: float) -> list[dense_kl.Launch]:
+    """The one-pass row kernel of `kd.ops.dense_loss` for the trainer's shifted, vocab-cut logits."""
     student = dense_kl._as_rows(_meta(BATCH, SEQ_LEN, width, dtype=dtype)[:, :-1, :vocab])
     teacher = dense_kl._as_rows(_meta(BATCH, SEQ_LEN, width, dtype=dtype)[:, :-1, :vocab])
-    mask_u8 = _meta(BATCH, SEQ_LEN - 1, dtype=torch.bool).reshape(-1).contiguous().view(torch.uint8)
-    tau, taid = dense_kl.tau_tensor(spec, student)
-    config = dense_kl.launch_config(torch.device("cuda"))
-    fwd, loss, stats = dense_kl.forward_launch(student, teacher, mask_u8, tau, taid, spec, config)
-    bwd, _ = dense_kl.backward_launch(student, teacher, mask_u8, tau, taid, stats, torch.empty_like(loss), spec,
-                                      config)
-    return [fwd, bwd]
+    grad, _ = dense_kl.grad_buffer(student)
+    mask = _meta(BATCH, SEQ_LEN - 1, dtype=torch.bool).reshape(-1)
+    labels = _meta(BATCH, SEQ_LEN, dtype=torch.long)[:, 1:].reshape(-1)
+    launch, _, _ = dense_kl.rows_launch(student, teacher, grad, mask, labels, spec, 1.0 - ce_weight, ce_weight,
+                                        dense_kl.launch_config(torch.device("cuda")))
+    return [launch]
 
 
 def _fused_launches(spec: DivergenceSpec, dtype: torch.dtype, vocab: int, width: int, ce_weight: float,
@@ -118,8 +119,8 @@ def _fused_launches(spec: DivergenceSpec, dtype: torch.dtype, vocab: int, width:
     config = dense_kl.launch_config(torch.device("cuda"))
 
     def step(logits, teacher_logits, mask, labels, spec, kd_weight, ce_weight):
-        launch, kd, ce = fused_linear_kl.chunk_launch(logits, teacher_logits, mask, labels, spec, kd_weight,
-                                                      ce_weight, config)
+        launch, kd, ce = dense_kl.rows_launch(logits, teacher_logits, logits, mask, labels, spec, kd_weight,
+                                              ce_weight, config)
         launches.append(launch)
         return kd, ce
 
@@ -128,7 +129,7 @@ def _fused_launches(spec: DivergenceSpec, dtype: torch.dtype, vocab: int, width:
                    teacher_weight=None) if teacher == "logits"
               else dict(teacher_logits=None, teacher_hidden=_meta(BATCH, rows, 2 * HIDDEN, dtype=dtype),
                         teacher_weight=_meta(width, 2 * HIDDEN, dtype=dtype)))
-    fused_linear_divergence_torch(
+    fused_linear_chunks(
         _meta(BATCH, rows, HIDDEN, dtype=dtype), _meta(width, HIDDEN, dtype=dtype),
         _meta(BATCH, rows, dtype=torch.bool), _meta(BATCH, SEQ_LEN, dtype=torch.long)[:, 1:], **source, spec=spec,
         ce_weight=ce_weight, vocab_size=vocab, step=step,
@@ -145,10 +146,10 @@ def scenarios() -> Iterator[tuple[str, dense_kl.Launch]]:
                 for dtype_name, dtype in DTYPES.items():
                     for vocab, width in FUSED_VOCABS:
                         what = f"{name} taid={taid_t} T={temperature} {dtype_name} V={vocab}/{width}"
-                        if (vocab, width) in VOCABS:
-                            for launch in _dense_launches(spec, dtype, vocab, width):
-                                yield f"dense {what}", launch
                         for ce_weight in CE_WEIGHTS:
+                            if (vocab, width) in VOCABS:
+                                for launch in _dense_launches(spec, dtype, vocab, width, ce_weight):
+                                    yield f"dense {what} ce={ce_weight}", launch
                             for teacher in TEACHERS:
                                 for launch in _fused_launches(spec, dtype, vocab, width, ce_weight, teacher):
                                     yield f"fused {what} ce={ce_weight} teacher={teacher}", launch

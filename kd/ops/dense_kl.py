@@ -1,15 +1,16 @@
-"""Dense divergence kernel: per-row divergence of materialized student and teacher logits, one row per program.
+"""The row kernel: loss and gradient of one row of student and teacher logits per program, in one launch.
 
     loss[n] = D(p_n, q_n) for mask[n], else 0        q = softmax(z_s / T), p = softmax(z_t / T) (or the TAID target)
-    dloss/dz_s[n] = grad_output[n] / T * dD/ds[n]     (formulas in kd.ops.row_math)
+    g[n]    = kd_weight / T * dD/ds[n] + ce_weight * (softmax(z_s[n]) - onehot(label[n]))   (kd.ops.row_math)
 
-Forward reads both rows once (forward/reverse KL, TAID: the loss is accumulated online with the log-normalizers) or
-twice (jsd, tvd, skew: the loss needs the final normalizers; the second read runs backwards through the row so its
-first blocks come from L2) and saves three fp32 numbers per row (lse_s, lse_t, c). Backward reads both rows once
-and writes the gradient in the student dtype, scaled by grad_output: no N x V buffer besides the gradient itself,
-and grad_output != 1 costs nothing. Inputs may be bf16/fp16/fp32; every reduction is fp32.
+Each program runs pass A (statistics; for forward/reverse KL and TAID also the loss, online), pass B for jsd, tvd and
+the skews (the loss and the row scalar c need the final normalizers; it runs backwards through the row so its first
+blocks come from L2), then pass C, which writes the gradient in the student dtype to ``g``: a separate buffer for the
+dense path (kd.ops.dense: the only N x V memory besides the inputs), or the student block itself for the fused-linear
+path (in place). The weights already hold the loss scale, so nothing is left for backward. Inputs may be
+bf16/fp16/fp32; every reduction is fp32.
 
-The eager spec is `kd.losses.chunked.divergence_rows` (kd.losses.functional's divergences).
+The eager spec is kd.losses.functional (tests/kernels/test_dense_kl.py, test_dense_loss.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kd.losses.chunked import ROW_ALIGN, DivergenceSpec
+from kd.ops.spec import ROW_ALIGN, DivergenceSpec
 from kd.ops import row_math as rm
 
 # Launch parameters on a GPU: a starting point for H100/H200 (tools/bench_kernels.py --block/--warps sweeps them).
@@ -71,51 +72,41 @@ def _row_offset(row, L, stride_b, stride_l):
 
 
 @triton.jit
-def _dense_fwd_kernel(s_ptr, s_l, s_sb, s_sl, t_ptr, t_l, t_sb, t_sl, mask_ptr, loss_ptr, stats_ptr, tau_ptr, V, scale,
-                      beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr, SCALAR_PASS: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _rows_kernel(s_ptr, s_l, s_sb, s_sl, t_ptr, t_l, t_sb, t_sl, g_ptr, g_l, g_sb, g_sl, mask_ptr, label_ptr, kd_ptr,
+                 ce_ptr, tau_ptr, V, scale, kd_scale, ce_weight, beta, log_b, log_1mb, alpha, DIV: tl.constexpr,
+                 TAID: tl.constexpr, SCALAR_PASS: tl.constexpr, CE: tl.constexpr, CE_SEPARATE: tl.constexpr,
+                 GRAD_REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: pass A (+ B), then pass C writes the gradient to g (which may be s itself: in place)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + _row_offset(row, s_l, s_sb, s_sl)
     t_row = t_ptr + _row_offset(row, t_l, t_sb, t_sl)
-    tau = 0.0
-    if TAID:
-        tau = tl.load(tau_ptr)
-    loss = 0.0
-    lse_s = 0.0
-    lse_t = 0.0
-    c = 0.0
-    if tl.load(mask_ptr + row) != 0:  # ignored rows (padding, prompts) cost nothing
-        lse_s, lse_t, loss, _, _ = rm.row_stats(s_row, t_row, V, scale, tau, -100, DIV, TAID, False, False, BLOCK)
-        c = loss
-        if SCALAR_PASS:
-            loss, c = rm.row_scalars(s_row, t_row, V, scale, tau, lse_s, lse_t, beta, alpha, DIV, TAID, BLOCK)
-    tl.store(loss_ptr + row, loss)
-    tl.store(stats_ptr + row * 3, lse_s)
-    tl.store(stats_ptr + row * 3 + 1, lse_t)
-    tl.store(stats_ptr + row * 3 + 2, c)
-
-
-@triton.jit
-def _dense_bwd_kernel(s_ptr, s_l, s_sb, s_sl, t_ptr, t_l, t_sb, t_sl, g_ptr, g_l, g_sb, g_sl, mask_ptr, go_ptr,
-                      stats_ptr, tau_ptr, V, scale, inv_t, beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
     g_row = g_ptr + _row_offset(row, g_l, g_sb, g_sl)
-    on = tl.load(mask_ptr + row) != 0
-    if on:
+    kd_on = tl.load(mask_ptr + row) != 0
+    active = kd_on
+    label = tl.load(label_ptr + row)
+    ce_on = label != -100
+    if CE:
+        active = active | ce_on
+    kd = 0.0
+    ce = 0.0
+    if active:  # ignored rows (padding, prompts) cost one store of zeros
         tau = 0.0
         if TAID:
             tau = tl.load(tau_ptr)
-        lse_s = tl.load(stats_ptr + row * 3)
-        lse_t = tl.load(stats_ptr + row * 3 + 1)
-        c = tl.load(stats_ptr + row * 3 + 2)
-        kd_scale = tl.load(go_ptr + row).to(tl.float32) * inv_t
-        s_row = s_ptr + _row_offset(row, s_l, s_sb, s_sl)
-        t_row = t_ptr + _row_offset(row, t_l, t_sb, t_sl)
-        rm.row_grad(s_row, t_row, g_row, V, scale, tau, lse_s, lse_t, c, lse_s, -100, on, kd_scale, on, 0.0, beta,
-                    alpha, DIV, TAID, False, False, False, BLOCK)
+        knobs = rm.Knobs(scale, tau, beta, log_b, log_1mb, alpha, DIV, TAID, CE, CE_SEPARATE)
+        lse_s, lse_t, loss, lse_1, z_lab = rm.row_stats(s_row, t_row, V, knobs, label, BLOCK)
+        c = loss
+        if SCALAR_PASS:
+            loss, c = rm.row_scalars(s_row, t_row, V, knobs, lse_s, lse_t, BLOCK)
+        kd = tl.where(kd_on, loss, 0.0)
+        if CE:
+            ce = tl.where(ce_on, rm.LN2 * lse_1 - z_lab, 0.0)
+        rows = rm.RowState(lse_s, lse_t, c, lse_1, label, kd_on, kd_scale, ce_on, ce_weight)
+        rm.row_grad(s_row, t_row, g_row, V, knobs, rows, GRAD_REVERSE, BLOCK)
     else:
         rm.zero_row(g_row, V, BLOCK)
+    tl.store(kd_ptr + row, kd)
+    tl.store(ce_ptr + row, ce)
 
 
 @dataclass(frozen=True)
@@ -134,60 +125,41 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def forward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tensor, taid: bool, spec: DivergenceSpec,
-                   config: dict) -> tuple[Launch, Tensor, Tensor]:
-    """The forward kernel on `_as_rows` logits and a flat uint8 mask: (launch, loss [N] fp32, stats [N, 3] fp32)."""
-    n, device = mask_u8.numel(), student.device
-    loss = torch.empty(n, dtype=torch.float32, device=device)
-    stats = torch.empty(n, 3, dtype=torch.float32, device=device)
-    args = (*_rows(student), *_rows(teacher), mask_u8, loss, stats, tau, student.shape[-1],
-            rm.LOG2E.value / spec.temperature, spec.beta, spec.alpha)
-    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=spec.name in rm.SCALAR_PASS)
-    return Launch(_dense_fwd_kernel, (n,), args, {**constexprs, **config}), loss, stats
+def rows_launch(student: Tensor, teacher: Tensor, grad: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,
+                kd_weight: float, ce_weight: float, config: dict) -> tuple[Launch, Tensor, Tensor]:
+    """The row kernel on `_as_rows` logits (``grad`` laid out like them, or ``student`` itself to work in place), a
+    flat bool mask and flat labels: (launch, kd rows [N] fp32, ce rows [N] fp32). The gradient written is that of
+    ``kd_weight * sum(mask * kd) + ce_weight * sum(valid * ce)`` (kd_weight, ce_weight include any loss scale)."""
+    n, device = mask.numel(), student.device
+    tau, taid = tau_tensor(spec, student)
+    kd = torch.empty(n, dtype=torch.float32, device=device)
+    ce = torch.empty_like(kd)
+    use_ce = ce_weight > 0.0
+    scalar_pass = spec.name in rm.SCALAR_PASS
+    log_b, log_1mb = spec.log_beta
+    args = (*_rows(student), *_rows(teacher), *_rows(grad), mask.contiguous().view(torch.uint8), labels.contiguous(),
+            kd, ce, tau, student.shape[-1], rm.LOG2E.value / spec.temperature, kd_weight / spec.temperature,
+            ce_weight, spec.beta, max(log_b, -1e30), max(log_1mb, -1e30), spec.alpha)
+    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=scalar_pass, CE=use_ce,
+                      CE_SEPARATE=use_ce and spec.temperature != 1.0,
+                      # each pass runs opposite to the one before it, starting where L2 is warm
+                      GRAD_REVERSE=not scalar_pass)
+    return Launch(_rows_kernel, (n,), args, {**constexprs, **config}), kd, ce
 
 
-def backward_launch(student: Tensor, teacher: Tensor, mask_u8: Tensor, tau: Tensor, taid: bool, stats: Tensor,
-                    grad_out: Tensor, spec: DivergenceSpec, config: dict) -> tuple[Launch, Tensor]:
-    """The backward kernel (inputs as saved by forward, ``grad_out`` [N]): (launch, gradient in the student dtype).
-
-    The gradient is a ``[..., V]`` view of a buffer whose rows are padded to a multiple of ROW_ALIGN elements: with V
-    not a multiple of 16 a dense buffer's rows would start unaligned and every store would be scalar."""
+def grad_buffer(student: Tensor) -> tuple[Tensor, Tensor]:
+    """(gradient ``[..., V]`` shaped like ``student``, its flat storage). Rows are padded to a multiple of ROW_ALIGN
+    elements: with V not a multiple of 16 a dense buffer's rows would start unaligned and every store be scalar."""
     width = -(-student.shape[-1] // ROW_ALIGN) * ROW_ALIGN
-    grad = torch.empty(*student.shape[:-1], width, dtype=student.dtype,
-                       device=student.device)[..., :student.shape[-1]]
-    args = (*_rows(student), *_rows(teacher), *_rows(grad), mask_u8, grad_out.contiguous(), stats, tau,
-            student.shape[-1], rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, spec.beta, spec.alpha)
-    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid)
-    return Launch(_dense_bwd_kernel, (mask_u8.numel(),), args, {**constexprs, **config}), grad
+    flat = torch.empty(*student.shape[:-1], width, dtype=student.dtype, device=student.device)
+    return flat[..., :student.shape[-1]], flat
 
 
-class _DenseDivergence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, mask: Tensor, spec: DivergenceSpec) -> Tensor:
-        tau, taid = tau_tensor(spec, student)
-        mask_u8 = mask.contiguous().view(torch.uint8)
-        launch, loss, stats = forward_launch(student, teacher, mask_u8, tau, taid, spec, launch_config(student.device))
-        if mask_u8.numel():
-            launch()
-        ctx.save_for_backward(student, teacher, mask_u8, stats, tau)
-        ctx.spec, ctx.taid = spec, taid
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        student, teacher, mask_u8, stats, tau = ctx.saved_tensors
-        launch, grad = backward_launch(student, teacher, mask_u8, tau, ctx.taid, stats, grad_out, ctx.spec,
-                                       launch_config(student.device))
-        if mask_u8.numel():
-            launch()
-        return grad, None, None, None
-
-
-def dense_divergence_triton(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
-                            spec: DivergenceSpec) -> Tensor:
-    """Per-row divergence ``[...]`` (fp32, 0 where ``mask`` is False) of ``[..., V]`` logits, by the Triton kernels.
-
-    Autograd reaches ``student_logits`` only.
-    """
-    student, teacher = _as_rows(student_logits), _as_rows(teacher_logits.detach())
-    return _DenseDivergence.apply(student, teacher, mask.reshape(-1), spec).view(mask.shape)
+def dense_pass_triton(student: Tensor, teacher: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,
+                      kd_weight: float, ce_weight: float, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """`kd.ops.torch_path.dense_pass` on the GPU: one kernel launch, one program per row (same contract)."""
+    launch, kd, ce = rows_launch(_as_rows(student), _as_rows(teacher), grad, mask.reshape(-1), labels.reshape(-1),
+                                 spec, kd_weight, ce_weight, launch_config(student.device))
+    if mask.numel():
+        launch()
+    return kd, ce

@@ -1,11 +1,11 @@
 """Fused-linear divergence: loss and lm_head gradients from hidden states, never more than a chunk x V of logits.
 
-For each block of C rows (the loop, the GEMMs and the autograd wrapper are `kd.losses.chunked.FusedLinearChunks`,
+For each block of C rows (the loop, the GEMMs and the autograd wrapper are `kd.ops.chunks.FusedLinearChunks`,
 shared with the eager path):
 
     z_s = h_s W_s^T          [C, V] cuBLAS GEMM, input dtype (bf16); rows padded to 16 elements (vectorized loads)
     z_t = h_t W_t^T          [C, V] cuBLAS GEMM (or a view of the given teacher logits)
-    _fused_chunk_kernel:     per row: passes A (+ B) + C of kd.ops.row_math; the gradient
+    dense_kl._rows_kernel:   per row: passes A (+ B) + C of kd.ops.row_math; the gradient
                              G = (1 - w) / T * dD/ds * mask + w * (softmax(z_s) - onehot(label)) * (label != -100)
                              is written over z_s in place; per-row D and CE go to two [C] fp32 vectors
     dh_s[c] = G W_s          cuBLAS GEMM
@@ -23,14 +23,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from kd.losses.chunked import DivergenceSpec, FusedLossOutput, Scalar, fused_linear_divergence_torch
-from kd.ops import row_math as rm
-from kd.ops.dense_kl import Launch, launch_config, tau_tensor
+from kd.ops.chunks import fused_linear_chunks
+from kd.ops.dense_kl import launch_config, rows_launch
+from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar
 
 # Rows per chunk: C x V logits per block, rounded down to a multiple of 128 (GEMM tiles). 2^27 elements = 256 MiB bf16.
 CHUNK_ELEMENTS = 1 << 27
@@ -42,70 +39,14 @@ def default_chunk_rows(n_rows: int, vocab: int) -> int:
     return max(1, min(rows, n_rows))
 
 
-@triton.jit
-def _fused_chunk_kernel(s_ptr, s_stride, t_ptr, t_stride, mask_ptr, label_ptr, kd_ptr, ce_ptr, tau_ptr, V, scale,
-                        inv_t, kd_weight, ce_weight, beta, alpha, DIV: tl.constexpr, TAID: tl.constexpr,
-                        SCALAR_PASS: tl.constexpr, CE: tl.constexpr, CE_SEPARATE: tl.constexpr,
-                        GRAD_REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    kd_on = tl.load(mask_ptr + row) != 0
-    active = kd_on
-    label = tl.load(label_ptr + row)
-    ce_on = label != -100
-    if CE:
-        active = active | ce_on
-    kd = 0.0
-    ce = 0.0
-    if active:
-        tau = 0.0
-        if TAID:
-            tau = tl.load(tau_ptr)
-        lse_s, lse_t, loss, lse_1, z_lab = rm.row_stats(s_row, t_row, V, scale, tau, label, DIV, TAID, CE,
-                                                        CE_SEPARATE, BLOCK)
-        c = loss
-        if SCALAR_PASS:
-            loss, c = rm.row_scalars(s_row, t_row, V, scale, tau, lse_s, lse_t, beta, alpha, DIV, TAID, BLOCK)
-        kd = tl.where(kd_on, loss, 0.0)
-        if CE:
-            ce = tl.where(ce_on, rm.LN2 * lse_1 - z_lab, 0.0)
-        # In place: each block of z_s is read, then overwritten by its gradient, by this program only.
-        rm.row_grad(s_row, t_row, s_row, V, scale, tau, lse_s, lse_t, c, lse_1, label, kd_on, kd_weight * inv_t,
-                    ce_on, ce_weight, beta, alpha, DIV, TAID, CE, CE_SEPARATE, GRAD_REVERSE, BLOCK)
-    else:
-        rm.zero_row(s_row, V, BLOCK)
-    tl.store(kd_ptr + row, kd)
-    tl.store(ce_ptr + row, ce)
-
-
-def chunk_launch(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,
-                 kd_weight: float, ce_weight: float, config: dict) -> tuple[Launch, Tensor, Tensor]:
-    """The chunk kernel on one block of logits (``[C, V]``, unit stride along V): (launch, kd rows [C] fp32,
-    ce rows [C] fp32)."""
-    rows, vocab = student_logits.shape
-    tau, taid = tau_tensor(spec, student_logits)
-    kd = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
-    ce = torch.empty_like(kd)
-    use_ce = ce_weight > 0.0
-    scalar_pass = spec.name in rm.SCALAR_PASS
-    args = (student_logits, student_logits.stride(0), teacher_logits, teacher_logits.stride(0),
-            mask.contiguous().view(torch.uint8), labels.contiguous(), kd, ce, tau, vocab,
-            rm.LOG2E.value / spec.temperature, 1.0 / spec.temperature, kd_weight, ce_weight, spec.beta, spec.alpha)
-    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, SCALAR_PASS=scalar_pass, CE=use_ce,
-                      CE_SEPARATE=use_ce and spec.temperature != 1.0,
-                      # each pass runs opposite to the one before it, starting where L2 is warm
-                      GRAD_REVERSE=not scalar_pass)
-    return Launch(_fused_chunk_kernel, (rows,), args, {**constexprs, **config}), kd, ce
-
-
 def triton_chunk_step(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, labels: Tensor,
                       spec: DivergenceSpec, kd_weight: float, ce_weight: float) -> tuple[Tensor, Tensor]:
     """The `ChunkStep` of the Triton path (same contract as `kd.losses.chunked.eager_chunk_step`)."""
     if student_logits.stride(1) != 1 or teacher_logits.stride(1) != 1:
         raise ValueError("logit blocks must have unit stride along the vocabulary")
-    launch, kd, ce = chunk_launch(student_logits, teacher_logits, mask, labels, spec, kd_weight, ce_weight,
-                                  launch_config(student_logits.device))
+    # in place: each block of z_s is read, then overwritten by its gradient, by its row's program only
+    launch, kd, ce = rows_launch(student_logits, teacher_logits, student_logits, mask, labels, spec, kd_weight,
+                                 ce_weight, launch_config(student_logits.device))
     if student_logits.shape[0]:
         launch()
     return kd, ce
@@ -120,7 +61,7 @@ def fused_linear_divergence_triton(student_hidden: Tensor, student_weight: Tenso
     vocab = vocab_size if vocab_size is not None else student_weight.shape[0]
     n_rows = student_hidden.numel() // student_hidden.shape[-1]
     rows = chunk_size if chunk_size is not None else default_chunk_rows(n_rows, vocab)
-    return fused_linear_divergence_torch(
+    return fused_linear_chunks(
         student_hidden, student_weight, mask, labels, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
         teacher_logits=teacher_logits, spec=spec, ce_weight=ce_weight, normalizer=normalizer, vocab_size=vocab_size,
         chunk_size=rows, step=triton_chunk_step)

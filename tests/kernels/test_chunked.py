@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from kd.losses import chunked
+from kd.ops import chunks, torch_path
 from kd.losses import functional as F
-from kd.losses.chunked import DivergenceSpec
+from kd.ops.spec import DivergenceSpec
 from kd.ops import dense_divergence, fused_linear_divergence, resolve_backend
 
 KNOBS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
@@ -77,7 +78,7 @@ def test_fused_torch_path_matches_full_eager(name, monkeypatch):
 
     hk, wk = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
     spec = DivergenceSpec(name, 0.7, **KNOBS.get(name, {}))
-    out = chunked.fused_linear_divergence_torch(hk, wk, mask, labels, teacher_hidden=ht, teacher_weight=wt,
+    out = chunks.fused_linear_chunks(hk, wk, mask, labels, teacher_hidden=ht, teacher_weight=wt,
                                                 teacher_logits=None, spec=spec, ce_weight=0.2, normalizer=normalizer, vocab_size=vocab, chunk_size=5,
                                                 step=spy)
     (out.loss * 0.7).backward()
@@ -129,7 +130,7 @@ def test_shifted_teacher_rows_copied_into_aligned_blocks(seq_len, chunk):
         return chunked.eager_chunk_step(logits, teacher, *args)
 
     spec = DivergenceSpec("forward_kl")
-    chunked.fused_linear_divergence_torch(h, w, labels >= 0, labels, teacher_hidden=None, teacher_weight=None,
+    chunks.fused_linear_chunks(h, w, labels >= 0, labels, teacher_hidden=None, teacher_weight=None,
                                           teacher_logits=z_full[:, :-1], spec=spec, vocab_size=vocab,
                                           chunk_size=chunk, step=spy)
     torch.testing.assert_close(torch.cat(blocks), z_full[:, :-1, :vocab].reshape(-1, vocab), rtol=0, atol=0)
@@ -148,7 +149,7 @@ def test_no_grad_skips_the_gradient_gemms(monkeypatch):
     def forbidden(*args):
         raise AssertionError("gradient GEMM under no_grad")
 
-    monkeypatch.setattr(chunked, "_accumulate_weight_grad", forbidden)
+    monkeypatch.setattr(chunks, "_accumulate_weight_grad", forbidden)
     with torch.no_grad():
         out = fused_linear_divergence(h, w, labels >= 0, labels, teacher_logits=z_t, divergence="jsd",
                                       backend="torch")

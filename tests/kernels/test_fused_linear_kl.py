@@ -12,7 +12,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from kd.losses import functional as F  # noqa: E402
-from kd.losses.chunked import DivergenceSpec, eager_chunk_step  # noqa: E402
+from kd.losses.chunked import eager_chunk_step  # noqa: E402
+from kd.ops.spec import DivergenceSpec  # noqa: E402
 from kd.ops import fused_linear_divergence  # noqa: E402
 from kd.ops.dense_kl import launch_config  # noqa: E402
 from kd.ops.fused_linear_kl import triton_chunk_step  # noqa: E402

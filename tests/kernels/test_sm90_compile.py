@@ -25,7 +25,7 @@ from kd.ops import aot  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "kernel_report.py"
-KERNELS = {"_dense_fwd_kernel", "_dense_bwd_kernel", "_fused_chunk_kernel"}
+KERNELS = {"_rows_kernel"}  # the one-pass row kernel of both the dense and the fused-linear path
 # Divergence codes of the kernels, and the ones whose loss needs the final normalizers (a second pass, SCALAR_PASS).
 CODES = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2, "tvd": 3, "skew_kl": 4, "skew_reverse_kl": 5}
 TWO_PASS = {"jsd", "tvd", "skew_kl", "skew_reverse_kl"}
@@ -60,7 +60,7 @@ def check_rows(rows: list[dict]) -> None:
     # Every block loop over the rows moves 16 bytes per load / store instruction, whatever V (only a row's partial
     # last block, outside the loops, is scalar); the backward kernel's loop stores, the fused kernel's too (in place).
     narrow = [f"{r['name']}: loads {r['loop_ld_bits']}, stores {r['loop_st_bits']} bits" for r in rows
-              if r["loop_ld_bits"] != 128 or r["loop_st_bits"] != (None if r["kernel"] == "_dense_fwd_kernel" else 128)]
+              if r["loop_ld_bits"] != 128 or r["loop_st_bits"] != 128]
     assert not narrow, "block loops not 128-bit vectorized:\n" + "\n".join(narrow)
     # No row base the launchers pass is unaligned: the trainer's logits are V'-wide (V' a multiple of 16), the fused
     # chunks and the dense gradient are allocated with padded rows. L (rows per sequence) never scales an address alone.
@@ -137,17 +137,12 @@ def test_launches_cover_every_constexpr_combination():
     def project(kernel, *names):
         return {tuple(kw[n] for n in names) for kw in seen[kernel]}
 
-    assert project("_dense_fwd_kernel", "DIV", "TAID", "SCALAR_PASS") == {
-        (c, taid, name in TWO_PASS) for name, c in CODES.items() for taid in (False, True)}
-    assert project("_dense_bwd_kernel", "DIV", "TAID") == {(c, taid) for c in CODES.values() for taid in (False, True)}
-    assert project("_fused_chunk_kernel", "DIV", "TAID", "SCALAR_PASS", "CE", "CE_SEPARATE", "GRAD_REVERSE") == {
+    assert project("_rows_kernel", "DIV", "TAID", "SCALAR_PASS", "CE", "CE_SEPARATE", "GRAD_REVERSE") == {
         (c, taid, name in TWO_PASS, ce, ce_sep, name not in TWO_PASS)
         for name, c in CODES.items() for taid in (False, True)
         for ce, ce_sep in ((False, False), (True, False), (True, True))}
     launch = {"BLOCK", "num_warps"}  # nothing else is passed: a new constexpr must be added to the checks above
-    assert {frozenset(kw) for kw in seen["_dense_fwd_kernel"]} == {frozenset({"DIV", "TAID", "SCALAR_PASS"} | launch)}
-    assert {frozenset(kw) for kw in seen["_dense_bwd_kernel"]} == {frozenset({"DIV", "TAID"} | launch)}
-    assert {frozenset(kw) for kw in seen["_fused_chunk_kernel"]} == {
+    assert {frozenset(kw) for kw in seen["_rows_kernel"]} == {
         frozenset({"DIV", "TAID", "SCALAR_PASS", "CE", "CE_SEPARATE", "GRAD_REVERSE"} | launch)}
 
 
@@ -163,7 +158,7 @@ def test_representative_variants_compile_for_sm90(tmp_path):
         assert {r["dtype"] for r in mine} == {"bf16", "fp16", "fp32"}, kernel
         # V = 128256 / 151936 are multiples of 16, Qwen2.5's len(tokenizer) = 151665 is not
         assert {"V" in r["unaligned"] for r in mine} == {False, True}, kernel
-    fused = [r["constexprs"] for r in rows if r["kernel"] == "_fused_chunk_kernel"]
+    fused = [r["constexprs"] for r in rows if r["kernel"] == "_rows_kernel"]
     assert {(c["CE"], c["CE_SEPARATE"]) for c in fused} == {(False, False), (True, False), (True, True)}
     # Qwen2.5's V = 151665: 128-bit loads in every kernel (before the full blocks ran unmasked and the fused chunks
     # got padded rows, all its loads were scalar: vector_load_bits 0)
@@ -177,4 +172,4 @@ def test_representative_variants_compile_for_sm90(tmp_path):
 def test_every_variant_compiles_for_sm90(tmp_path):
     rows = run_report(tmp_path, "--all", timeout=1800)
     check_rows(rows)
-    assert len(rows) == len({r["name"] for r in rows}) >= 300
+    assert len(rows) == len({r["name"] for r in rows}) >= 200  # one row kernel for dense and fused: 216 on Triton 3.9
