@@ -27,6 +27,7 @@ from kd.files import atomic_write
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "kd_manifest.json"
+META_FILE = "kd_checkpoint.json"  # in kd_meta/: step, world size, lineage, recipe (human readable; resume reads it)
 
 
 def tag_for(step: int) -> str:
@@ -60,41 +61,104 @@ class CheckpointWriteError(Exception):
     """Saving failed on some rank (disk full, permissions); the tag was removed and `latest` left untouched."""
 
 
-def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], write_meta: Callable[[str], None], keep_last: int) -> str:
+class _WriteGuard:
+    """Catches every failure of a DeepSpeed checkpoint engine's writes while a save runs, instead of letting it escape.
+
+    DeepSpeed's `save_checkpoint` has barriers between its writes. A write that raises on one rank would leave that
+    rank outside them while the others wait inside, so kd's agreement on the failure could never be reached. With the
+    guard, a failed write is recorded and the rank carries on through DeepSpeed's remaining collectives (its files are
+    simply missing or partial); after the save every rank holds its own verdict and they agree collectively.
+    """
+
+    def __init__(self, engine):
+        self.engine = getattr(engine, "checkpoint_engine", None)
+        self.error: Optional[BaseException] = None
+
+    def __enter__(self) -> "_WriteGuard":
+        if self.engine is not None:
+            for name in ("save", "makedirs"):
+                original = getattr(self.engine, name, None)
+                if original is not None:
+                    setattr(self.engine, name, self._guarded(original))
+        return self
+
+    def _guarded(self, write):
+        def guarded(*args, **kwargs):
+            if self.error is not None:
+                return None  # the tag is lost anyway; spend no more time (or disk) on it
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - torch.save's "file write failed" is a RuntimeError, not OSError
+                self.error = e
+                return None
+
+        return guarded
+
+    def __exit__(self, *exc) -> None:
+        if self.engine is not None:
+            for name in ("save", "makedirs"):
+                self.engine.__dict__.pop(name, None)  # back to the class's own methods
+
+
+def _describe_write_error(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], write_meta: Callable[[str], None],
+         keep_last: int, lineage: Optional[str] = None) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
-    Order matters for crash safety: shards (all ranks) -> barrier -> kd_meta -> manifest -> `latest`. A crash at
-    any point before the manifest leaves a tag that resume recognises as incomplete and skips; `latest` still names
-    the previous complete tag. A write error on any rank (e.g. disk full) is agreed on by all ranks, the partial tag
-    is removed and `CheckpointWriteError` raised everywhere, so no rank waits forever in a barrier.
+    Order matters for crash safety: shards (all ranks) -> kd_meta (rank 0) -> agreement -> manifest -> `latest` ->
+    pruning. A crash at any point before the manifest leaves a tag that resume recognises as incomplete and skips;
+    `latest` still names the previous complete tag. A failure on any rank, of any kind (disk full inside torch.save
+    is a RuntimeError), is agreed on by all ranks: the partial tag is removed and `CheckpointWriteError` raised
+    everywhere with the failing rank's message, so no rank waits forever in a barrier. Pruning removes only complete
+    tags of the same `lineage` (the run id kd writes into every tag's meta), never the tag just written.
     """
     tag = tag_for(step)
     tag_dir = os.path.join(ckpt_dir, tag)
-    if dist.is_main() and os.path.isdir(tag_dir):
-        shutil.rmtree(tag_dir)  # an incomplete earlier attempt at the same step
-    dist.barrier()
-    error = ""
-    try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-        torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
-        _test_save_delay(step)
-        if dist.is_main():
-            write_meta(os.path.join(tag_dir, "kd_meta"))
-    except OSError as e:
-        error = f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
-    failed = dist.all_reduce_max(torch.tensor([1.0 if error else 0.0]))
-    if float(failed[0]) > 0:
-        if dist.is_main():
+
+    def clear_earlier_attempt() -> None:
+        if os.path.isdir(tag_dir):
+            shutil.rmtree(tag_dir)  # an incomplete earlier attempt at the same step, or a stale future of a resume
+
+    dist.run_on_main(clear_earlier_attempt)
+    error: Optional[BaseException] = None
+    with _WriteGuard(engine) as guard:
+        try:
+            engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
+        except Exception as e:  # noqa: BLE001 - e.g. a disk-full OSError from DeepSpeed's own os.makedirs
+            error = e
+    error = error or guard.error
+    if error is None:
+        try:
+            torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
+            _test_save_delay(step)
+            if dist.is_main():
+                write_meta(os.path.join(tag_dir, "kd_meta"))
+        except Exception as e:  # noqa: BLE001
+            error = e
+    verdicts = dist.all_gather_object(None if error is None else _describe_write_error(error))
+    failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+    if failed:
+        def remove_partial() -> None:
             shutil.rmtree(tag_dir, ignore_errors=True)
-        dist.barrier()
-        raise CheckpointWriteError(f"writing checkpoint {tag_dir} failed: {error or 'on another rank'}. It was removed; "
-                                   f"the newest complete checkpoint is still {read_latest(ckpt_dir) or 'none'}. "
-                                   "Free space (or fix permissions) and resume")
-    if dist.is_main():
+
+        dist.run_on_main(remove_partial)
+        rank, why = failed[0]
+        where = f" on rank {rank}" if dist.world_size() > 1 else ""
+        raise CheckpointWriteError(f"writing checkpoint {tag_dir} failed{where}: {why}. It was removed; the newest "
+                                   f"complete checkpoint is still {read_latest(ckpt_dir) or 'none'}. Free space (or "
+                                   "fix permissions) and resume")
+
+    def publish() -> None:
         _write_manifest(tag_dir)
         atomic_write(os.path.join(ckpt_dir, "latest"), tag)
-        _prune(ckpt_dir, keep_last)
-    dist.barrier()
+        prune(ckpt_dir, keep_last, lineage=lineage, keep=tag)
+
+    dist.run_on_main(publish)
     return tag
 
 
@@ -152,25 +216,68 @@ def complete_tags(ckpt_dir: str) -> list[str]:
     return [t for t in tags if is_complete(os.path.join(ckpt_dir, t))[0]]
 
 
-def _prune(ckpt_dir: str, keep_last: int) -> None:
-    keep = set(complete_tags(ckpt_dir)[-keep_last:])
-    for tag in os.listdir(ckpt_dir):
-        if TAG_RE.match(tag) and tag not in keep:
-            shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+def read_tag_meta(tag_dir: str) -> Optional[dict[str, Any]]:
+    """The tag's kd_meta/kd_checkpoint.json (step, world size, run lineage, ...), or None when unreadable."""
+    try:
+        with open(os.path.join(tag_dir, "kd_meta", META_FILE)) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def prune(ckpt_dir: str, keep_last: int, *, lineage: Optional[str], keep: str) -> list[str]:
+    """Remove the oldest complete tags of `lineage` so that `keep_last` remain, counting `keep` (the tag just
+    written, never removed). "Oldest" is by the order of saving, not by step: after a resume from an earlier tag,
+    the tags of the abandoned future have higher steps but are older. Tags of another run (another lineage, or no
+    readable meta) and incomplete tags are left alone. Returns the removed tags."""
+    ours = []
+    for tag in complete_tags(ckpt_dir):
+        meta = read_tag_meta(os.path.join(ckpt_dir, tag))
+        if tag != keep and meta is not None and meta.get("lineage") == lineage:
+            ours.append((float(meta.get("saved_unix", 0.0)), tag))
+    ours.sort()
+    removed = [tag for _, tag in ours[:max(0, len(ours) - (keep_last - 1))]]
+    for tag in removed:
+        shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
+    return removed
 
 
 def find_latest(ckpt_dir: str, log: Callable[[str], None] = print) -> Optional[str]:
-    """The newest complete tag; says which newer tags were skipped and why. (`latest` always names a complete tag
-    when kd wrote it; scanning the tags also recovers when `latest` itself was lost.)"""
+    """The newest complete tag: the one `latest` names when it is complete (kd moves `latest` only after a save
+    completed on every rank, so it is the truth, also after a resume from an earlier tag left higher-numbered ones),
+    else the highest complete step (recovers a lost or damaged `latest`). Says which newer tags were skipped and why.
+    Used by resume, `kd eval` and `kd export` alike."""
     if not os.path.isdir(ckpt_dir):
         return None
+    named = read_latest(ckpt_dir)
     tags = sorted((t for t in os.listdir(ckpt_dir) if TAG_RE.match(t)), reverse=True)
+    if named in tags and is_complete(os.path.join(ckpt_dir, named))[0]:
+        for tag in tags:
+            if tag > named and not is_complete(os.path.join(ckpt_dir, tag))[0]:
+                log(f"kd: skipping checkpoint {tag}: {is_complete(os.path.join(ckpt_dir, tag))[1]}")
+        return named
     for tag in tags:
         ok, why = is_complete(os.path.join(ckpt_dir, tag))
         if ok:
             return tag
         log(f"kd: skipping checkpoint {tag}: {why}")
     return None
+
+
+def move_aside(ckpt_dir: str) -> Optional[str]:
+    """Rename a `checkpoints/` directory holding tags of an earlier run to `checkpoints.before-UTCTIME/` so a fresh
+    run starts clean (and an old run's later steps can never be mistaken for the new run's); returns the new path,
+    or None when there was nothing to move."""
+    if not os.path.isdir(ckpt_dir) or not any(TAG_RE.match(t) for t in os.listdir(ckpt_dir)):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target, n = f"{ckpt_dir}.before-{stamp}", 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{ckpt_dir}.before-{stamp}-{n}"
+    os.replace(ckpt_dir, target)
+    return target
 
 
 def load(engine, ckpt_dir: str, tag: str, *, rng_dir: str) -> dict[str, Any]:

@@ -28,13 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from kd.checkpoint import CheckpointWriteError
-        from kd.trainer import Trainer, TrainingDiverged
+        from kd.engine.dist import RemoteError
+        from kd.trainer import LossContractError, Trainer, TrainingDiverged
 
         try:
             Trainer(recipe).train()
-        except (TrainingDiverged, CheckpointWriteError) as e:
-            # the run itself failed (not the input): one line, a distinct exit code, nothing half-written
-            if os.environ.get("RANK", "0") == "0":
+        except (TrainingDiverged, CheckpointWriteError, LossContractError, RemoteError) as e:
+            # the run itself failed (not the input): one line, a distinct exit code, nothing half-written. These are
+            # agreed on by every rank (the same error everywhere), so rank 0 alone reports them, unless only this
+            # rank knows (`local`); the launcher then stops the others.
+            if os.environ.get("RANK", "0") == "0" or getattr(e, "local", False):
                 print(f"kd: error: {e}", file=sys.stderr, flush=True)
             return EXIT_RUN_FAILED
     except UserError as e:

@@ -56,6 +56,36 @@ def load_recipe_tokenizer(recipe: Recipe) -> Any:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_student_tokenizer(recipe: Recipe, tokenizer: Any) -> None:
+    """The recipe's tokenizer (``tokenizer``, else the teacher's) against the tokenizers the models ship with.
+
+    Equal vocabulary *sizes* are not enough: two tokenizers of one size but different tokens would make the logit
+    losses compare unrelated tokens. A student directory (``student.path``), and the teacher directory when the
+    recipe names a separate ``tokenizer``, must map every token to the same id; the error names both paths. Models
+    built from the teacher or from an inline config have no tokenizer of their own and are not checked.
+    """
+    from kd.models import check_same_tokenizer, load_tokenizer
+
+    reference = resolve(recipe.tokenizer or recipe.teacher.path)
+    candidates = [("student.path", recipe.student.path, recipe.student.trust_remote_code)]
+    if recipe.tokenizer:
+        candidates.append(("teacher.path", recipe.teacher.path, recipe.teacher.trust_remote_code))
+    for key, path, trust in candidates:
+        if not path:
+            continue
+        local = resolve(path)
+        if os.path.isdir(local) and any(os.path.isfile(os.path.join(local, n)) for n in _TOKENIZER_FILES):
+            own = load_tokenizer(local, trust_remote_code=trust, key=key)
+            try:
+                check_same_tokenizer(tokenizer, own, key=key)
+            except UserError as e:
+                raise UserError(f"the tokenizer of {local} differs from the run's tokenizer ({reference}): "
+                                f"{e.message}", key=key) from None
+
+
 def check_compatible(tokenizer: Any, teacher_config: Any, student_config: Any, seq_len: int) -> int:
     """Shared vocabulary size, after checking both models cover the tokenizer and seq_len fits both models."""
     from kd.models import max_positions, shared_vocab_size
@@ -79,6 +109,7 @@ def check_models(recipe: Recipe) -> Any:
     else:
         student_config = source_config(recipe.student, section="student", resolve_path=resolve)
     check_compatible(tokenizer, teacher_config, student_config, recipe.data.seq_len)
+    check_student_tokenizer(recipe, tokenizer)
     # building the loss checks its name, options and method sections (cheap: no model weights involved)
     from kd.losses import LossContext, build_loss
 

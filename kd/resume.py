@@ -20,12 +20,16 @@ import yaml
 from kd import checkpoint
 from kd.config.schema import Recipe
 from kd.engine import dist
+from kd.engine.safe_load import check_tree
 from kd.errors import UserError
 
-# Recipe sections whose change makes a checkpoint the wrong one to continue from. Everything else (run, train
-# schedule and batch shape, eval, checkpoint, resume, deepspeed tuning) may change between a run and its resumption.
-IDENTITY_KEYS = ("teacher", "student", "tokenizer", "data", "loss")
-META_FILE = "kd_checkpoint.json"
+# Recipe keys whose change makes a checkpoint the wrong one to continue from: the models, the tokens, the loss, and
+# train.seed (it decides the sample order: a new seed would repeat some samples and skip others). Everything else
+# (run, train schedule and batch shape, eval, checkpoint, resume, deepspeed tuning) may change on resumption.
+IDENTITY_KEYS = ("teacher", "student", "tokenizer", "data", "loss", "train.seed")
+# Inside those: knobs that change only the speed or the numerics of the same computation, never what is computed.
+NOT_IDENTITY = ("loss.kernel", "loss.fused_linear", "data.num_proc")
+META_FILE = checkpoint.META_FILE
 
 
 @dataclass
@@ -81,13 +85,32 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         elif a != b:
             out.append(f"{key}: {a!r} -> {b!r}")
 
+    def get(tree: dict[str, Any], dotted: str) -> Any:
+        for part in dotted.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return tree
+
     for key in IDENTITY_KEYS:
-        walk(saved.get(key), current.get(key), key)
-    return out
+        walk(get(saved, key), get(current, key), key)
+    return [d for d in out if not d.split(":")[0].startswith(NOT_IDENTITY)]
 
 
 def plan_resume(recipe: Recipe, run_ckpt_dir: str, *, world_size: int, log: Callable[[str], None]) -> Optional[ResumePlan]:
+    """Collective: rank 0 decides (and converts, moves aside) while the others wait; every rank gets the same plan, or
+    the same error (an error on rank 0 never leaves the others in a barrier)."""
+    return dist.run_on_main(lambda: _plan(recipe, run_ckpt_dir, world_size=world_size, log=log), share_result=True)
+
+
+def _plan(recipe: Recipe, run_ckpt_dir: str, *, world_size: int, log: Callable[[str], None]) -> Optional[ResumePlan]:
     found = find_checkpoint(recipe, run_ckpt_dir, log)
+    if found is None or os.path.realpath(found[0]) != os.path.realpath(run_ckpt_dir):
+        # A fresh run (or one continuing another directory's run) into a directory holding checkpoints: those are
+        # an earlier run's. Left in place, `resume: auto` after a crash could continue the old run from its later
+        # steps; they are moved aside (never deleted) and the message says where.
+        moved = checkpoint.move_aside(run_ckpt_dir)
+        if moved is not None:
+            log(f"kd: {run_ckpt_dir} held checkpoints of an earlier run; moved them to {moved} (this run starts its "
+                "own; delete that directory when you no longer need it)")
     if found is None:
         return None
     ckpt_dir, tag = found
@@ -106,9 +129,8 @@ def plan_resume(recipe: Recipe, run_ckpt_dir: str, *, world_size: int, log: Call
     log(f"kd: checkpoint {tag} was written by {meta['world_size']} rank(s), resuming on {world_size}: "
         "loading it through DeepSpeed's universal checkpoint format")
     universal_dir = os.path.join(ckpt_dir, "universal")
-    if dist.is_main():
-        to_universal(tag_dir, os.path.join(universal_dir, tag))
-    dist.barrier()
+    to_universal(tag_dir, os.path.join(universal_dir, tag))
+    check_universal(os.path.join(universal_dir, tag))
     return ResumePlan(universal_dir, tag, tag_dir, meta, universal=True)
 
 
@@ -121,6 +143,7 @@ def to_universal(tag_dir: str, out_dir: str) -> None:
     if os.path.isdir(tmp):
         shutil.rmtree(tmp)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    check_tree(tag_dir)  # ds_to_universal unpickles with weights_only=False: nothing unchecked may reach it
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
            "--output_folder", tmp, "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -133,3 +156,9 @@ def to_universal(tag_dir: str, out_dir: str) -> None:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     open(done, "w").close()
+
+
+def check_universal(out_dir: str) -> None:
+    """Every file of a converted tag against the allowlist, right before `load_universal` (which unpickles without
+    weights_only) reads it, also when the conversion was done by an earlier launch."""
+    check_tree(out_dir)

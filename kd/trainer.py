@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import time
+import uuid
 from typing import Any, ContextManager, Optional
 
 import torch
@@ -32,8 +33,8 @@ from kd.files import atomic_write
 from kd.losses import LossContext, LossOutput, build_loss
 from kd.metrics import MetricsLogger
 from kd.models import load_student, load_teacher
-from kd.preflight import check_compatible, load_recipe_tokenizer
-from kd.resume import META_FILE, plan_resume
+from kd.preflight import check_compatible, check_student_tokenizer, load_recipe_tokenizer
+from kd.resume import plan_resume
 from kd.teachers import ModelTeacher, TeacherOutput
 
 
@@ -57,6 +58,7 @@ class Trainer:
             zero3_config=student_ds if recipe.student.zero_stage == 3 else None, resolve_path=resolve,
         )
         self.vocab_size = check_compatible(self.tokenizer, teacher_model.config, student_model.config, data.seq_len)
+        check_student_tokenizer(recipe, self.tokenizer)
 
         with dist.main_process_first():  # rank 0 tokenizes into the datasets cache, the others read it
             self.train_ds, self.eval_ds = build_datasets(data, self.tokenizer, seed=train.seed, resolve_path=resolve)
@@ -70,6 +72,9 @@ class Trainer:
         self.plan = plan_resume(recipe, self.ckpt_dir, world_size=self.world, log=self._log)
         if self.plan is not None and self.plan.universal:
             student_ds = merge(student_ds, {"checkpoint": {"load_universal": True}})
+        # The run's lineage: every checkpoint of this run (and of its resumptions) carries it, and pruning removes
+        # only tags of the same lineage, never another run's.
+        self.lineage = self.plan.meta.get("lineage") if self.plan is not None else dist.broadcast_object(uuid.uuid4().hex)
         self.loss = build_loss(recipe.loss, LossContext(
             total_steps=self.total_steps,
             student_hidden_size=student_model.config.hidden_size, teacher_hidden_size=teacher_model.config.hidden_size,
@@ -99,6 +104,7 @@ class Trainer:
         self.sample_index = 0  # global sample index: position of the next training sample in the global order
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        self.term_names: Optional[tuple[str, ...]] = None  # the loss's logged terms, fixed at the first micro-batch
         self.stop_requested = False  # set by SIGTERM/SIGINT (preemption); acted on at the end of the step
 
     # ------------------------------------------------------------------ the loop
@@ -184,7 +190,9 @@ class Trainer:
             self.engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             dist.synchronize()
             t2 = time.perf_counter()
-            names = list(out.terms)
+            if self.term_names is None:  # the first micro-batch of the run (a collective: every rank is here)
+                self.term_names = self._agree_on_term_names(tuple(out.terms))
+            names = self._checked_terms(out.terms)
             part = torch.stack([out.loss_sum.detach().float()] + [out.terms[k].detach().float() for k in names])
             sums = part if sums is None else sums + part
             if i == len(batches) - 1:
@@ -220,6 +228,27 @@ class Trainer:
         scalars["train/skipped_steps"] = self.nonfinite_total
         return scalars
 
+    def _agree_on_term_names(self, observed: tuple[str, ...]) -> tuple[str, ...]:
+        """The loss's logging terms, as the loss declares them (`DistillationLoss.term_names`; a loss that declares
+        none is held to the names of its first micro-batch), checked to be the same on every rank. The trainer stacks
+        the terms of every micro-batch and all-reduces them as one tensor: a rank with other names would pair its
+        numbers with another rank's, or wait in a collective the others never enter."""
+        declared = self.loss.term_names()
+        names = tuple(declared) if declared is not None else observed
+        everyone = dist.all_gather_object(names)
+        if any(other != names for other in everyone):
+            raise LossContractError(message=f"loss {type(self.loss).__name__} has different term names on different "
+                                            f"ranks: {everyone}; term_names() must depend on the recipe only")
+        return names
+
+    def _checked_terms(self, terms: dict[str, torch.Tensor]) -> list[str]:
+        if tuple(terms) != self.term_names:
+            raise LossContractError(local=True, message=(
+                f"loss {type(self.loss).__name__} returned terms {list(terms)} at step {self.step + 1}, but its terms "
+                f"are {list(self.term_names)} (term_names()); every micro-batch on every rank must return exactly "
+                "those, in that order (return a zero sum for a term that has no tokens)"))
+        return list(self.term_names)
+
     def _teacher_forward(self, batch: dict[str, torch.Tensor]) -> TeacherOutput:
         if not self.loss.needs_teacher:
             return TeacherOutput(logits=None)
@@ -239,8 +268,11 @@ class Trainer:
         step = optimizer.step
 
         def guarded_step(*args, **kwargs):
-            optimizer.overflow = self.skip_update
-            return None if self.skip_update else step(*args, **kwargs)
+            # The gradients are already all-reduced here, so every rank sees the same ones; the vote keeps the ranks
+            # in agreement anyway (one collective per step).
+            skip = dist.any_rank(self.skip_update or not _gradients_finite(optimizer))
+            optimizer.overflow = skip
+            return None if skip else step(*args, **kwargs)
 
         optimizer.overflow = False
         optimizer.step = guarded_step
@@ -297,7 +329,8 @@ class Trainer:
             "skipped_steps": self.nonfinite_total,
         }
         tag = checkpoint.save(self.engine, self.ckpt_dir, step=self.step, client_state=client_state,
-                              write_meta=self._write_meta, keep_last=self.recipe.checkpoint.keep_last)
+                              write_meta=self._write_meta, keep_last=self.recipe.checkpoint.keep_last,
+                              lineage=self.lineage)
         self.metrics.print(f"kd: saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
 
     def _write_meta(self, meta_dir: str) -> None:
@@ -309,8 +342,9 @@ class Trainer:
         # human-readable facts about the checkpoint; resume reads them before building the engine
         meta = {"step": self.step, "global_sample_index": self.sample_index, "world_size": self.world,
                 "student_zero_stage": self.recipe.student.zero_stage, "kd_version": kd.__version__,
+                "lineage": self.lineage, "saved_unix": time.time(),
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "recipe": dump_recipe(self.recipe)}
-        with open(os.path.join(meta_dir, META_FILE), "w") as f:
+        with open(os.path.join(meta_dir, checkpoint.META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
 
     def _resume(self) -> int:
@@ -342,8 +376,7 @@ class Trainer:
 
     def _preempted(self) -> bool:
         # A signal may reach only some ranks; one all-reduce of a flag per step makes the decision collective.
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        return float(dist.all_reduce_max(flag)[0]) > 0
+        return dist.any_rank(self.stop_requested)
 
     def _sample_ids_path(self, rank: int) -> str:
         return os.path.join(self.run_dir, "sample_ids", f"rank_{rank:05d}.jsonl")
@@ -357,19 +390,23 @@ class Trainer:
     def _truncate_sample_ids(self, step: int) -> None:
         """Drop audit records past the resumed step (every rank file, also of ranks that no longer exist)."""
         folder = os.path.join(self.run_dir, "sample_ids")
-        if self.recipe.run.record_sample_ids and dist.is_main() and os.path.isdir(folder):
+
+        def truncate() -> None:
             for name in os.listdir(folder):
                 path = os.path.join(folder, name)
                 with open(path) as f:
                     keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-                with open(path, "w") as f:
-                    f.writelines(keep)
-        dist.barrier()
+                atomic_write(path, "".join(keep))
+
+        if self.recipe.run.record_sample_ids and os.path.isdir(folder):
+            dist.run_on_main(truncate)
 
     def _write_run_recipe(self) -> None:
-        if dist.is_main():
+        def write() -> None:
             os.makedirs(self.run_dir, exist_ok=True)
             atomic_write(os.path.join(self.run_dir, "recipe.yaml"), dump_recipe(self.recipe))
+
+        dist.run_on_main(write)
 
     def _total_steps(self) -> int:
         train = self.recipe.train
@@ -385,5 +422,24 @@ class Trainer:
             print(message, flush=True)
 
 
+def _gradients_finite(optimizer) -> bool:
+    """True when every gradient the optimizer would apply is finite (one host sync; ZeRO-0 only, where DeepSpeed does
+    not check). A NaN gradient can come with a finite loss, e.g. from an overflow inside backward."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return True
+    norms = torch._foreach_norm(grads)
+    return bool(torch.isfinite(torch.stack(norms)).all())
+
+
 class TrainingDiverged(Exception):
     """Too many consecutive non-finite steps; the run stops without writing a checkpoint."""
+
+
+class LossContractError(Exception):
+    """A loss broke the lockstep contract (its logged terms differ between micro-batches or ranks): a bug in the loss,
+    reported before it could hang a collective or mislabel a curve. ``local``: only this rank saw it."""
+
+    def __init__(self, *, message: str, local: bool = False):
+        super().__init__(message)
+        self.local = local

@@ -6,6 +6,7 @@ so it is set here, once, before any test module is collected.
 """
 import glob
 import os
+import time
 
 import pytest
 import torch
@@ -34,13 +35,17 @@ def _mapped_shm_buffers() -> set[str]:
 def _free_deepspeed_shared_memory():
     """Runs started without `kd train` (multinode.sh, accelerate, killed jobs) leave DeepSpeed's CPU all-reduce
     buffers in /dev/shm; after each test the ones no live process maps are removed. (Removing a mapped one would hang
-    the run that owns it: its ranks find each other's buffers by name while they start.)"""
+    the run that owns it: its ranks find each other's buffers by name while they start.) A buffer younger than a
+    minute is left too: a starting rank creates its buffer a moment before it maps it, and another test session on
+    the same machine must not delete it in that moment."""
     yield
     in_use = _mapped_shm_buffers()
     for path in glob.glob(SHM_PREFIX + "*"):
         if path in in_use:
             continue
         try:
+            if time.time() - os.stat(path).st_mtime < 60:
+                continue
             os.remove(path)
         except OSError:
             pass

@@ -8,6 +8,7 @@ any other global is refused with a message that says which.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 import torch
@@ -51,6 +52,26 @@ def safe_load(path: str, map_location: Any = None) -> Any:
     except Exception as e:  # truncated or corrupt file: the user's checkpoint, not a kd bug
         raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                         key="resume") from None
+
+
+def check_tree(folder: str) -> int:
+    """Refuse a checkpoint directory any of whose pickled files names a global outside the allowlist, before code
+    that unpickles without weights_only reads it (DeepSpeed's ds_to_universal and load_universal do). Returns the
+    number of files checked. Files that are not torch pickles (json, tokenizer, safetensors) are not checked."""
+    checked = 0
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            if name.endswith((".pt", ".pth", ".bin")):
+                path = os.path.join(root, name)
+                try:
+                    _allowed_globals(path)
+                except UserError:
+                    raise
+                except Exception as e:  # unreadable: torch.load would fail on it too, with a worse message
+                    raise UserError(f"cannot read checkpoint file {path}: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0][:200]}", key="resume") from None
+                checked += 1
+    return checked
 
 
 def install(engine) -> None:

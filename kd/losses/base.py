@@ -126,6 +126,14 @@ class DistillationLoss(torch.nn.Module):
         """The loss of `forward` from `FusedInputs` (only for losses that set ``supports_fused``)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused-linear form")
 
+    def term_names(self) -> Optional[tuple[str, ...]]:
+        """The keys of `LossOutput.terms`, in order, fixed when the loss is built (they may depend on its config, never
+        on the data). The trainer stacks every micro-batch's terms and all-reduces them as one tensor, so every
+        micro-batch on every rank must return exactly these; it checks and stops with a clear error otherwise.
+        None (the default, for losses written before this existed): the names of the first micro-batch are taken
+        as the declaration."""
+        return None
+
     def on_step_end(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Called once per optimizer step (never during eval) after the step, with globally reduced metrics.
 
