@@ -169,12 +169,15 @@ def swapped_loss(trainer: Any, loss: torch.nn.Module) -> Iterator[None]:
     """Run the trainer with another loss inside the same engine (same student, optimizer and ZeRO state)."""
     module = trainer.engine.module
     kd_loss, fused, head_in_loss = trainer.loss, module.fused_linear, trainer.teacher_head_in_loss
+    kd_terms = trainer.term_names  # the trainer holds each loss to its logging terms; the baseline's are its own
     # the baseline is a plain student step: full logits and CE, whatever path the KD loss takes
     trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = loss, loss, False, False
+    trainer.term_names = None
     try:
         yield
     finally:
         trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = kd_loss, kd_loss, fused, head_in_loss
+        trainer.term_names = kd_terms
 
 
 def next_batches(trainer: Any) -> tuple[list[dict[str, torch.Tensor]], float]:

@@ -6,7 +6,7 @@
 #
 # Stages (each with its own time limit and log OUT_DIR/<stage>.log; a failing stage does not stop the others):
 #   install        DeepSpeed 0.19.8 and whatever else the machine lacks, offline, from DIR (tools/gpu_wheels.sh DIR
-#                  fetched it on a machine that reaches the registry) into $KD_SITE (default /tmp/site)
+#                  fetched it on a machine that reaches the registry) into $KD_SITE/site-packages (default /tmp/site)
 #   pytest_gpu     pytest -m gpu (the kernels at real sizes)
 #   bench_kernels  tools/bench_kernels.py --json (kd's kernels vs eager, torch.compile, Liger, the floor)
 #   assets         tools/gpu_check.py assets: a Qwen2.5-sized tokenizer (151,665 entries), random-word corpus, recipes
@@ -115,7 +115,9 @@ while [ $# -gt 0 ]; do
 done
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd) || exit 2
 BUDGET=${GPU_CHECK_BUDGET:-$([ $SMOKE = 1 ] && echo 2400 || echo 480)}
-SITE=${KD_SITE:-/tmp/site}
+# the install target must have "site-packages" in its path: dill (datasets' fingerprints) pickles any module from
+# elsewhere by value, and fails on pyarrow's
+SITE=${KD_SITE:-/tmp/site}/site-packages
 SCALE=$([ $SMOKE = 1 ] && echo 3 || echo 1)  # stage limits x3 on a (possibly shared) CPU machine
 START=$SECONDS
 : > "$OUT/stages.tsv"
