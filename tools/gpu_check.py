@@ -117,10 +117,17 @@ def write_assets(root: Path, *, tiny: bool) -> dict[str, Path]:
 # ---- summary ---------------------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, or that of its last line (bench_step's stdout also carries DeepSpeed's prints), or None."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except OSError:
         return None
+    for candidate in (text, *reversed(text.strip().splitlines()[-1:])):
+        try:
+            return json.loads(candidate)
+        except ValueError:
+            pass
+    return None
 
 
 def _pytest_number(log: Path) -> str:

@@ -62,7 +62,7 @@ exported = sorted(os.listdir(os.path.join(run, "hf")))
 ok = steps == list(range(1, 21)) and bool(resumed) and "config.json" in exported
 last = next(r for r in reversed(records) if "loss" in r)
 summary = (f"{'ok' if ok else 'WRONG'}: steps {steps[0]}..{steps[-1]} ({len(steps)} records), "
-           f"{resumed[0].split(' at ')[-1].split(' (')[0] if resumed else 'not resumed'}, final loss {last['loss']:.3f}, "
+           f"{'resumed at ' + resumed[0].split(' at ')[-1].split(' (')[0] if resumed else 'not resumed'}, final loss {last['loss']:.3f}, "
            f"export {len(exported)} files")
 json.dump({"ok": ok, "steps": steps, "resumed": resumed, "exported": exported, "final": last, "summary": summary},
           open(dest, "w"), indent=1)

@@ -72,8 +72,8 @@ def test_summary_table_lists_every_stage_with_its_key_number(tmp_path):
         {"kind": "fused", "divergence": "jsd", "method": "kd", "ratio_to_floor": 2.25},
         {"kind": "fused", "divergence": "jsd", "method": "eager", "ratio_to_floor": 9.0},
         {"kind": "fused", "divergence": "-", "method": "floor"}]}))
-    (tmp_path / "bench_step_dense.json").write_text(json.dumps(
-        {"ratio": 1.2345, "kd_tokens_per_s": 51234.4, "kd": {"loss_fwd": 0.01, "loss_bwd": 0.02}}))
+    (tmp_path / "bench_step_dense.json").write_text("[WARNING] DeepSpeed prints to stdout too\n" + json.dumps(
+        {"ratio": 1.2345, "kd_tokens_per_s": 51234.4, "kd": {"loss_fwd": 0.01, "loss_bwd": 0.02}}) + "\n")
     (tmp_path / "bench_step_fused.json").write_text("")  # a failed stage leaves nothing readable
     lines = gpu_check.summary_table(tmp_path).splitlines()
     assert len(lines) == 2 + 6
