@@ -21,8 +21,8 @@ from kd.config.schema import DataConfig
 from kd.data.sources import require_columns
 from kd.data.stats import DataStats, attach_stats, count_tokens
 from kd.errors import UserError
+from kd.labels import IGNORE_INDEX
 
-IGNORE = -100
 CHAT_FEATURES = datasets.Features({
     "input_ids": datasets.List(datasets.Value("int32")),
     "labels": datasets.List(datasets.Value("int32")),
@@ -92,7 +92,7 @@ def _label_tokens(tokenizer: Any, full: str, spans: list[tuple[int, int]]) -> tu
         while s < len(spans) and spans[s][1] <= start:
             s += 1
         inside = s < len(spans) and spans[s][0] <= start < spans[s][1] and end > start
-        labels.append(token if inside else IGNORE)
+        labels.append(token if inside else IGNORE_INDEX)
     return ids, labels
 
 
@@ -109,7 +109,7 @@ def _tokenize_batch(batch: dict[str, list], indices: list[int], *, tokenizer: An
             raise UserError(f"sample {index} has {len(ids)} tokens, more than seq_len={seq_len}; raise data.seq_len "
                             "or set data.overlong: truncate", key="data.overlong")
         ids, labels = ids[:seq_len], labels[:seq_len]
-        if all(label == IGNORE for label in labels):
+        if all(label == IGNORE_INDEX for label in labels):
             continue  # every assistant token was cut off: the sample would only cost compute
         out["input_ids"].append(ids)
         out["labels"].append(labels)
@@ -156,6 +156,7 @@ def build_chat(rows: datasets.Dataset, tokenizer: Any, cfg: DataConfig, *, split
     truncated = pc.sum(built.data.column("truncated")).as_py() or 0
     built = built.remove_columns("truncated")
     stats = DataStats(kind="chat", documents=len(rows), samples=len(built),
-                      tokens=count_tokens(built, "input_ids"), loss_tokens=count_tokens(built, "labels", not_equal=IGNORE),
+                      tokens=count_tokens(built, "input_ids"),
+                      loss_tokens=count_tokens(built, "labels", not_equal=IGNORE_INDEX),
                       truncated=truncated, dropped_samples=len(rows) - len(built))
     return attach_stats(built, stats)

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import datasets
 import torch
 
-IGNORE = -100
+from kd.labels import IGNORE_INDEX
 
 
 def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -23,7 +23,7 @@ def collate(samples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         raise ValueError("collate needs at least one sample")
     length = max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE, dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
     for row, sample in enumerate(samples):
         n = len(sample["input_ids"])
@@ -72,4 +72,4 @@ def eval_batches(ds: datasets.Dataset, *, rank: int, world_size: int, micro_batc
             yield take(ds, ids)
         else:
             filler = take(ds, [0])[0]
-            yield [{"input_ids": filler["input_ids"], "labels": [IGNORE] * len(filler["labels"])}]
+            yield [{"input_ids": filler["input_ids"], "labels": [IGNORE_INDEX] * len(filler["labels"])}]
