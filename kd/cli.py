@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return train(args.recipe, args.overrides, nproc=args.nproc, master_port=args.master_port)
         if args.command == "eval":
-            from kd.evaluate import run
+            from kd.eval_cli import run
 
             run(args.recipe, args.overrides, student=args.student, untrained=args.untrained, json_out=args.json,
                 max_batches=args.max_batches, split=args.split)

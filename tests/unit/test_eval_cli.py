@@ -1,6 +1,6 @@
 """`kd eval` in-process on the tiny teacher: the teacher evaluated as its own student (saved as a HF directory, and as
 a ZeRO-0 checkpoint) must give KL 0, top-1 agreement 1 and equal perplexities; bad input is one line, exit 2, and
-nothing written. (A real checkpoint from `kd train` is compared with the trainer's own eval in
+nothing written; `--student` resolution without loading anything. (A real checkpoint from `kd train` is compared with the trainer's own eval in
 tests/integration/test_eval_cli.py.)"""
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import yaml
 from safetensors.torch import load_file
 
 import kd.cli
+from kd.errors import UserError
+from kd.eval_cli import find_student
 from tests.helpers.tiny_run import make_tiny_run
 
 
@@ -117,3 +119,47 @@ def test_bad_input_one_line_exit_2_nothing_written(tiny, tmp_path, capsys, case)
     assert not out.exists()
     assert case != "no-checkpoint" or "--student" in lines[0]
     assert case != "no-eval-split" or lines[0].startswith(f"kd: error: {args[0]}: data.eval_fraction:")
+
+
+# ------------------------------------------------------------------ --student resolution
+def _tag(ckpts, name, *, complete=True):
+    tag = ckpts / name
+    (tag / "kd_meta").mkdir(parents=True)
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    if complete:
+        (tag / "kd_manifest.json").write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": 1}}))
+    return tag
+
+
+def test_find_student_kinds(tmp_path):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    _tag(ckpts, "step_00000002")
+    _tag(ckpts, "step_00000004")
+    _tag(ckpts, "step_00000006", complete=False)  # a crashed save: skipped
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+
+    assert find_student(None, str(run)).describe() == str(ckpts / "step_00000004")
+    assert find_student(str(ckpts), "unused").tag == "step_00000004"
+    assert find_student(str(run), "unused").tag == "step_00000004"
+    tag = find_student(str(ckpts / "step_00000002"), "unused")
+    assert (tag.kind, tag.path, tag.tag) == ("checkpoint", str(ckpts), "step_00000002")
+    assert find_student(str(hf), "unused").kind == "hf"
+
+
+@pytest.mark.parametrize("case", ["missing", "no-checkpoints", "incomplete-tag", "empty-dir"])
+def test_find_student_errors(tmp_path, case):
+    ckpts = tmp_path / "run" / "checkpoints"
+    _tag(ckpts, "step_00000006", complete=False)
+    (tmp_path / "empty").mkdir()
+    spec, run_dir, words = {
+        "missing": (str(tmp_path / "nope"), "x", "does not exist"),
+        "no-checkpoints": (None, str(tmp_path / "other"), "no complete checkpoint"),
+        "incomplete-tag": (str(ckpts / "step_00000006"), "x", "no manifest"),
+        "empty-dir": (str(tmp_path / "empty"), "x", "neither a model directory"),
+    }[case]
+    with pytest.raises(UserError, match=words) as err:
+        find_student(spec, run_dir)
+    assert "--student" in str(err.value)

@@ -1,14 +1,13 @@
-"""kd.evaluate metric math against formulas written out here in fp64, and the student resolution of `kd eval`."""
+"""kd.eval_metrics: the metric math against formulas written out here in fp64, and the shared eval loop."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
-from kd.errors import UserError
-from kd.evaluate import PPL_CAP, SUM_FIELDS, batch_sums, find_student, finish
+from kd.eval_metrics import PPL_CAP, SUM_FIELDS, batch_sums, evaluate_batches, finish
+from kd.labels import IGNORE_INDEX, shift
 
 
 def _reference(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -123,45 +122,72 @@ def test_shape_mismatch_is_a_bug_not_silent():
         batch_sums(s, t[:, :-1], y)
 
 
-# ------------------------------------------------------------------ --student resolution
-def _tag(ckpts, name, *, complete=True):
-    tag = ckpts / name
-    (tag / "kd_meta").mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"x")
-    if complete:
-        (tag / "kd_manifest.json").write_text(json.dumps({"files": {"mp_rank_00_model_states.pt": 1}}))
-    return tag
+def _model_batch(b, length, v, seed):
+    """A batch as collate makes it (unshifted labels, -100 on padding) and unshifted logits for it with a padded
+    vocabulary (v + 3 rows, as an lm_head rounded up past the tokenizer)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, v, (b, length), generator=g)
+    labels[0, :2] = -100
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones(b, length, dtype=torch.long),
+             "labels": labels}
+    s = torch.randn(b, length, v + 3, generator=g) * 3
+    t = torch.randn(b, length, v + 3, generator=g) * 3
+    return batch, s, t
 
 
-def test_find_student_kinds(tmp_path):
-    run = tmp_path / "run"
-    ckpts = run / "checkpoints"
-    _tag(ckpts, "step_00000002")
-    _tag(ckpts, "step_00000004")
-    _tag(ckpts, "step_00000006", complete=False)  # a crashed save: skipped
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
+def test_evaluate_batches_equals_batch_sums_of_the_concatenation():
+    # two batches of different lengths; the independent check: shift by hand, pad to one length with ignored
+    # labels, concatenate, one batch_sums call
+    v = 11
+    (b1, s1, t1), (b2, s2, t2) = _model_batch(2, 7, v, seed=7), _model_batch(3, 5, v, seed=8)
+    logits = {id(b1): (s1, t1), id(b2): (s2, t2)}
+    calls = []
 
-    assert find_student(None, str(run)).describe() == str(ckpts / "step_00000004")
-    assert find_student(str(ckpts), "unused").tag == "step_00000004"
-    assert find_student(str(run), "unused").tag == "step_00000004"
-    tag = find_student(str(ckpts / "step_00000002"), "unused")
-    assert (tag.kind, tag.path, tag.tag) == ("checkpoint", str(ckpts), "step_00000002")
-    assert find_student(str(hf), "unused").kind == "hf"
+    def student(batch):
+        calls.append("student")
+        return logits[id(batch)][0]
+
+    def teacher(batch):
+        calls.append("teacher")
+        return logits[id(batch)][1]
+
+    got = evaluate_batches(iter([b1, b2]), student=student, teacher=teacher, vocab_size=v)
+    assert calls == ["student", "teacher"] * 2
+
+    def flat(s, t, batch):
+        return (s[:, :-1, :v].reshape(-1, v), t[:, :-1, :v].reshape(-1, v), batch["labels"][:, 1:].reshape(-1))
+
+    parts = [flat(s1, t1, b1), flat(s2, t2, b2)]
+    expected = batch_sums(*(torch.cat([p[i] for p in parts]) for i in range(3)))
+    assert got.dtype == torch.float64 and got.shape == (len(SUM_FIELDS),)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(got, _reference(*parts[0]) + _reference(*parts[1]), rtol=1e-5, atol=1e-5)
+
+    # `sums` is added to, not replaced; no batch returns it unchanged
+    start = torch.arange(5, dtype=torch.float64)
+    again = evaluate_batches([b1, b2], student=student, teacher=teacher, vocab_size=v, sums=start.clone())
+    torch.testing.assert_close(again, expected + start, rtol=1e-12, atol=1e-9)
+    assert torch.equal(evaluate_batches([], student=student, teacher=teacher, vocab_size=v, sums=start), start)
 
 
-@pytest.mark.parametrize("case", ["missing", "no-checkpoints", "incomplete-tag", "empty-dir"])
-def test_find_student_errors(tmp_path, case):
-    ckpts = tmp_path / "run" / "checkpoints"
-    _tag(ckpts, "step_00000006", complete=False)
-    (tmp_path / "empty").mkdir()
-    spec, run_dir, words = {
-        "missing": (str(tmp_path / "nope"), "x", "does not exist"),
-        "no-checkpoints": (None, str(tmp_path / "other"), "no complete checkpoint"),
-        "incomplete-tag": (str(ckpts / "step_00000006"), "x", "no manifest"),
-        "empty-dir": (str(tmp_path / "empty"), "x", "neither a model directory"),
-    }[case]
-    with pytest.raises(UserError, match=words) as err:
-        find_student(spec, run_dir)
-    assert "--student" in str(err.value)
+def test_evaluate_batches_runs_without_grad():
+    batch, s, t = _model_batch(1, 4, 5, seed=9)
+    weight = torch.ones((), requires_grad=True)
+    seen = []
+
+    def student(b):
+        out = s * weight
+        seen.append(out.requires_grad)
+        return out
+
+    out = evaluate_batches([batch], student=student, teacher=lambda b: t, vocab_size=5)
+    assert seen == [False] and not out.requires_grad
+
+
+def test_labels_conventions():
+    assert IGNORE_INDEX == -100  # torch's cross_entropy default: labels feed torch's and HF's losses unchanged
+    x = torch.arange(2 * 4 * 6).reshape(2, 4, 6)
+    assert torch.equal(shift(x), x[:, :3])
+    assert torch.equal(shift(x, 5), x[:, :3, :5])
+    assert shift(x, 5).data_ptr() == x.data_ptr()  # a view
+    assert shift(None, 5) is None
