@@ -1,19 +1,20 @@
 """Export a student checkpoint (DeepSpeed format, any ZeRO stage) as a Hugging Face model directory.
 
-A kd checkpoint directory holds one folder per tag (`step_000100/`) and a `latest` file naming the newest. Each tag
-folder has DeepSpeed's files and `kd_meta/` (the student's `config.json` and tokenizer files). The trained module
+A kd checkpoint directory holds one folder per tag (`step_00000100/`) and a `latest` file naming the newest. Each tag
+folder has DeepSpeed's files and `kd_meta/` (the student's `config.json` and tokenizer files). Without `--tag`, the
+export is of the newest complete tag as resume and `kd eval` find it (kd.checkpoint.find_latest). The trained module
 wraps the student, so its parameters are named `student.<hf name>`; other prefixes (`loss.` ...) are loss parameters
 and are not exported.
 
-ZeRO 1-3 checkpoints are consolidated with DeepSpeed's own `zero_to_fp32` (fp32 master weights, all shards). ZeRO 0
-writes no optimizer shards, so `zero_to_fp32` does not apply; its `mp_rank_00_model_states.pt` holds the full module
-state dict, which we read with `torch.load(weights_only=True)`.
+ZeRO 1-3 checkpoints are consolidated with DeepSpeed's own `zero_to_fp32` (fp32 master weights, all shards), which
+unpickles without weights_only: the tag's files are first checked against kd's allowlist (kd.engine.safe_load, the one
+resume uses). ZeRO 0 writes no optimizer shards, so `zero_to_fp32` does not apply; its `mp_rank_00_model_states.pt`
+holds the full module state dict, which we read with kd.engine.safe_load.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import shutil
 import sys
@@ -33,49 +34,40 @@ def list_tags(checkpoint_dir: Path) -> list[str]:
 
 
 def resolve_tag(checkpoint_dir: Path, tag: str | None) -> str:
-    """Return `tag`, or the one named in `latest`; UserError when the directory, the pointer or the tag is missing."""
+    """Return `tag`, or the newest complete one (kd.checkpoint.find_latest: what `latest` names when that tag is
+    complete, else the highest complete step; newer tags it skips are noted on stderr). UserError when the directory
+    or the tag is missing, or no tag is complete."""
+    from kd import checkpoint
+
     if not checkpoint_dir.is_dir():
         raise UserError(f"checkpoint directory {checkpoint_dir} does not exist (pass RUN_DIR/checkpoints)")
     tags = list_tags(checkpoint_dir)
     if tag is None:
-        latest = checkpoint_dir / "latest"
-        if not latest.is_file():
+        skipped: list[str] = []
+        tag = checkpoint.find_latest(str(checkpoint_dir), log=skipped.append)
+        if tag is None:
+            named = checkpoint.read_latest(str(checkpoint_dir))
+            why = ([f"`latest` names {named}"] if named else []) + [s.removeprefix("kd: skipping checkpoint ")
+                                                                    for s in skipped]
             hint = f"pass --tag, one of: {', '.join(tags)}" if tags else "it holds no checkpoints"
-            raise UserError(f"no `latest` file in {checkpoint_dir}; {hint}")
-        tag = latest.read_text().strip()
+            detail = f" ({'; '.join(why)})" if why else ""
+            raise UserError(f"no complete checkpoint in {checkpoint_dir}{detail}; {hint}")
+        for line in skipped:
+            print(line, file=sys.stderr)
     if not (checkpoint_dir / tag).is_dir():
         raise UserError(f"no checkpoint tag {tag!r} in {checkpoint_dir}; available: {', '.join(tags) or 'none'}")
     return tag
 
 
 def _load_stage0_module(tag_dir: Path) -> dict:
-    """The `module` state dict of a ZeRO-0 checkpoint, loaded without unpickling arbitrary objects.
-
-    weights_only=True refuses any class not on torch's allowlist. The client state (RNG states) holds numpy arrays,
-    so numpy's array-reconstruction globals are allowed too; anything else is reported rather than trusted.
-    """
-    import torch
-    from torch import serialization
+    """The `module` state dict of a ZeRO-0 checkpoint, loaded without unpickling arbitrary objects (safe_load: the
+    allowlist resume uses, refused with its message), memory-mapped."""
+    from kd.engine.safe_load import safe_load
 
     path = tag_dir / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise UserError(f"{tag_dir} has neither ZeRO optimizer shards nor {path.name}: not a complete DeepSpeed checkpoint")
-    extra = []
-    for name in serialization.get_unsafe_globals_in_checkpoint(str(path)):
-        module, _, attr = name.rpartition(".")
-        if not module.split(".")[0] == "numpy":
-            raise UserError(f"{path} contains a pickled {name}, which kd will not load with weights_only; "
-                            "re-save the checkpoint without it")
-        extra.append(getattr(importlib.import_module(module), attr))
-    if extra:
-        # Unpickling a numpy dtype also instantiates its concrete class (numpy.dtypes.UInt32DType ...), which
-        # get_unsafe_globals_in_checkpoint does not list; they are plain dtype descriptors, safe to allow.
-        import numpy
-
-        extra += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
-    with serialization.safe_globals(extra):
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return state["module"]
+    return safe_load(str(path), map_location="cpu", mmap=True)["module"]
 
 
 def load_student_state_dict(checkpoint_dir: Path, tag: str) -> dict:
@@ -84,6 +76,9 @@ def load_student_state_dict(checkpoint_dir: Path, tag: str) -> dict:
     if any(tag_dir.glob("*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        from kd.engine.safe_load import check_tree
+
+        check_tree(str(tag_dir))  # zero_to_fp32 unpickles with weights_only=False: nothing unchecked may reach it
         # zero_to_fp32 prints progress on stdout; keep stdout for the command's own output.
         with contextlib.redirect_stdout(sys.stderr):
             try:
@@ -151,7 +146,8 @@ def _tied_pairs(model) -> list[tuple[str, str]]:
 
 def export_checkpoint(checkpoint_dir: str, out_dir: str, *, tag: str | None = None, dtype: str | None = None,
                       overwrite: bool = False) -> str:
-    """Write the student of `checkpoint_dir` (tag `tag` or `latest`) to `out_dir` as a HF model; returns `out_dir`.
+    """Write the student of `checkpoint_dir` (tag `tag`, or the newest complete one) to `out_dir` as a HF model;
+    returns `out_dir`.
 
     `dtype` is "fp32" or "bf16" (default: the student config's dtype). The model is written to a temp dir beside
     `out_dir` and renamed into place, so `out_dir` never holds a partial export.
@@ -212,7 +208,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser = parser or argparse.ArgumentParser(prog="export_hf.py", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint_dir", help="RUN_DIR/checkpoints (holds tag folders and `latest`)")
     parser.add_argument("out_dir", help="directory to write the Hugging Face model into")
-    parser.add_argument("--tag", help="checkpoint tag to export (default: the one named in `latest`)")
+    parser.add_argument("--tag", help="checkpoint tag to export (default: the newest complete one)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights dtype (default: the student config's)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     return parser

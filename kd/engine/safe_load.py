@@ -42,11 +42,13 @@ def _allowed_globals(path: str) -> list[Any]:
     return found
 
 
-def safe_load(path: str, map_location: Any = None) -> Any:
+def safe_load(path: str, map_location: Any = None, *, mmap: bool | None = None) -> Any:
+    """torch.load(weights_only=True) of `path`, allowing only the globals of `ALLOWED_PREFIXES`; `mmap` as torch.load's
+    (export maps a whole model state instead of reading it into memory)."""
     try:
         allowed = _allowed_globals(path)
         with serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except UserError:
         raise
     except Exception as e:  # truncated or corrupt file: the user's checkpoint, not a kd bug

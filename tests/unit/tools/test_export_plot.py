@@ -1,8 +1,9 @@
 """tools/export_hf.py (kd.export) and tools/plot_run.py.
 
 Export: a real 1-process DeepSpeed engine (gloo, CPU) trains a tiny wrapped student one step and saves checkpoints
-at ZeRO stages 0, 2 and 3 (in a subprocess, so its process group never leaks into other tests); the export must give
-a model whose logits equal those of the live engine's student.
+at ZeRO stages 0, 2 and 3 in kd's layout (tag, kd_meta, manifest, `latest`; in a subprocess, so its process group
+never leaks into other tests); the export must give a model whose logits equal those of the live engine's student.
+"Newest" and the unpickling allowlist are those of resume (kd.checkpoint.find_latest, kd.engine.safe_load).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 TOOLS = REPO / "tools"
 
 BUILD_CHECKPOINTS = textwrap.dedent(r"""
-    import os, random, socket, sys
+    import json, os, random, socket, sys
     import numpy as np, torch, deepspeed
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
@@ -64,14 +65,25 @@ BUILD_CHECKPOINTS = textwrap.dedent(r"""
         ckpt = os.path.join(root, f"stage{stage}")
         client = {"step": 2, "rng": {"numpy": np.random.get_state(), "python": random.getstate(),
                                      "torch": torch.get_rng_state()}}
-        engine.save_checkpoint(ckpt, tag="step_000002", client_state=client)
-        meta = os.path.join(ckpt, "step_000002", "kd_meta")
-        config.save_pretrained(meta)
-        tokenizer.save_pretrained(meta)
+        engine.save_checkpoint(ckpt, tag="step_00000002", client_state=client)  # also writes `latest`
+        tag_dir = os.path.join(ckpt, "step_00000002")
+        config.save_pretrained(os.path.join(tag_dir, "kd_meta"))
+        tokenizer.save_pretrained(os.path.join(tag_dir, "kd_meta"))
+        files = {os.path.relpath(os.path.join(d, n), tag_dir): os.path.getsize(os.path.join(d, n))
+                 for d, _, names in os.walk(tag_dir) for n in names}
+        with open(os.path.join(tag_dir, "kd_manifest.json"), "w") as f:  # kd's mark of a complete tag
+            json.dump({"files": files}, f)
         with torch.no_grad():
             logits = engine.module.student(input_ids=probe).logits.float()
         torch.save({"probe": probe, "logits": logits}, os.path.join(ckpt, "reference.pt"))
 """)
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    """kd's manifest (kd.checkpoint): every file of the tag with its size; marks the tag complete."""
+    files = {p.relative_to(tag_dir).as_posix(): p.stat().st_size for p in tag_dir.rglob("*")
+             if p.is_file() and p.name != "kd_manifest.json"}
+    (tag_dir / "kd_manifest.json").write_text(json.dumps({"files": files}))
 
 
 @pytest.fixture(scope="module")
@@ -127,13 +139,61 @@ def test_export_refuses_mismatched_config(checkpoints, tmp_path):
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(checkpoints / "stage0", ckpt)
-    meta = ckpt / "step_000002" / "kd_meta"
+    meta = ckpt / "step_00000002" / "kd_meta"
     cfg = LlamaConfig.from_pretrained(meta)
     cfg.num_hidden_layers = 3
     cfg.save_pretrained(meta)
+    _write_manifest(meta.parent)
     with pytest.raises(UserError, match="does not match"):
         export_checkpoint(str(ckpt), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_export_skips_a_latest_that_names_an_incomplete_tag(checkpoints, tmp_path, capsys):
+    # `latest` names step 4, whose save never finished (no manifest): export takes step 2, as resume and kd eval do
+    from kd.export import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints / "stage0", ckpt)
+    shutil.copytree(ckpt / "step_00000002", ckpt / "step_00000004")
+    (ckpt / "step_00000004" / "kd_manifest.json").unlink()
+    (ckpt / "latest").write_text("step_00000004")
+    out = Path(export_checkpoint(str(ckpt), str(tmp_path / "hf")))
+    assert json.loads((out / "kd_export.json").read_text())["tag"] == "step_00000002"
+    assert "skipping checkpoint step_00000004: no manifest" in capsys.readouterr().err
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_export_refuses_pickled_code_with_the_resume_message(checkpoints, tmp_path, stage):
+    # ZeRO-0 is read by kd itself, ZeRO-2 by DeepSpeed's zero_to_fp32 (weights_only=False): both must refuse first
+    from kd.engine.safe_load import safe_load
+    from kd.errors import UserError
+    from kd.export import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoints / f"stage{stage}", ckpt)
+    tag_dir = ckpt / "step_00000002"
+    target = tag_dir / ("mp_rank_00_model_states.pt" if stage == 0 else "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    marker = tmp_path / "pwned"
+    state = torch.load(target, weights_only=False)  # the fixture's own file
+    state["x"] = _Payload(marker)
+    torch.save(state, target)
+    _write_manifest(tag_dir)
+    with pytest.raises(UserError) as resume:
+        safe_load(str(target))
+    with pytest.raises(UserError) as export:
+        export_checkpoint(str(ckpt), str(tmp_path / "hf"))
+    assert str(export.value) == str(resume.value)
+    assert "contains a pickled" in str(export.value) and not marker.exists()
+    assert not (tmp_path / "hf").exists()
 
 
 def _run_tool(*args: str) -> subprocess.CompletedProcess:
