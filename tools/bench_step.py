@@ -5,7 +5,7 @@
 
 What it measures (world of one process; the recipe's models, ZeRO stages, batch sizes, data and loss):
 
-- KD step: `Trainer.step_on`, the trainer's own optimizer step (teacher forward, student forward + loss, backward,
+- KD step: `StepRunner.step` (kd/engine/step.py), the trainer's own optimizer step (teacher forward, student forward + loss, backward,
   optimizer), split into
 
       teacher forward | student forward+backward | loss forward | loss backward | optimizer | other
@@ -15,7 +15,7 @@ What it measures (world of one process; the recipe's models, ZeRO stages, batch 
   gradient reaches the student's logits. "student forward+backward" is the rest of the trainer's student time, so it
   includes DeepSpeed's own forward/backward overhead; "other" is bookkeeping outside those phases (counting loss
   tokens, reducing the logged sums).
-- Baseline: the same `Trainer.step_on` on the same batches with the loss swapped for plain cross-entropy on the labels
+- Baseline: the same `StepRunner.step` on the same batches with the loss swapped for plain cross-entropy on the labels
   that still runs (and then ignores) the teacher forward: teacher forward alone + a plain student train step on the
   same engine, with the same bookkeeping.
 
@@ -37,9 +37,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 # Let the script run from a source checkout without installing kd.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -164,32 +163,9 @@ def summarize(kd_steps: list[dict[str, float]], base_steps: list[dict[str, float
     }
 
 
-@contextmanager
-def swapped_loss(trainer: Any, loss: torch.nn.Module) -> Iterator[None]:
-    """Run the trainer with another loss inside the same engine (same student, optimizer and ZeRO state)."""
-    module = trainer.engine.module
-    kd_loss, fused, head_in_loss = trainer.loss, module.fused_linear, trainer.teacher_head_in_loss
-    kd_terms = trainer.term_names  # the trainer holds each loss to its logging terms; the baseline's are its own
-    # the baseline is a plain student step: full logits and CE, whatever path the KD loss takes
-    trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = loss, loss, False, False
-    trainer.term_names = None
-    try:
-        yield
-    finally:
-        trainer.loss, module.loss, module.fused_linear, trainer.teacher_head_in_loss = kd_loss, kd_loss, fused, head_in_loss
-        trainer.term_names = kd_terms
-
-
 def next_batches(trainer: Any) -> tuple[list[dict[str, torch.Tensor]], float]:
-    """This step's micro-batches from the trainer's sampler, and their input-token count."""
-    from kd.data import collate, take
-
-    train = trainer.recipe.train
-    ids = trainer.sampler.step_indices(trainer.sample_index, rank=0, world_size=1,
-                                       micro_batch_size=train.micro_batch_size, grad_accum=train.grad_accum)
-    trainer.sample_index += trainer.global_batch
-    batches = [{k: v.to(trainer.device) for k, v in collate(take(trainer.train_ds, mb), trainer.pad_id).items()}
-               for mb in ids]
+    """This step's micro-batches from the trainer's producer, and their input-token count."""
+    batches, _ = trainer.producer.next_step()
     return batches, float(sum(int(b["attention_mask"].sum()) for b in batches))
 
 
@@ -223,18 +199,20 @@ def _measure(recipe: Any, recipe_path: str, overrides: list[str], *, steps: int,
     from kd.trainer import Trainer
 
     trainer = Trainer(recipe)
+    runner = trainer.runner
     baseline_loss = TeacherThenCE().to(trainer.device)
-    clock = PhaseClock(trainer.engine.module, trainer.engine.module.student, dist.synchronize)
+    clock = PhaseClock(runner.module, runner.module.student, dist.synchronize)
     kd_steps: list[dict[str, float]] = []
     base_steps: list[dict[str, float]] = []
     tokens: list[float] = []
 
     def kd_step(batches):
-        return phases_of(trainer.step_on(batches), *clock.take())
+        return phases_of(runner.step(batches, trainer.step + 1), *clock.take())
 
     def base_step(batches):
-        with swapped_loss(trainer, baseline_loss):
-            return phases_of(trainer.step_on(batches), *clock.take())
+        # the baseline is a plain student step: full logits and CE, whatever path the KD loss takes
+        with runner.swap_loss(baseline_loss, fused_linear=False):
+            return phases_of(runner.step(batches, trainer.step + 1), *clock.take())
 
     try:
         for i in range(warmup + steps):

@@ -11,20 +11,16 @@ from typing import Any, Optional
 
 import torch
 
+from kd.labels import shift
 from kd.losses.base import DistillationLoss, FusedInputs, LossInputs, LossOutput
 from kd.models.heads import LINEAR_HEAD_MODEL_TYPES, has_linear_head
-
-
-def shift(tensor: Optional[torch.Tensor], vocab_size: Optional[int] = None) -> Optional[torch.Tensor]:
-    """Drop the last position so position i predicts token i+1; cut logits to the shared vocabulary (lm_head rows
-    padded past the tokenizer, e.g. 152064 vs 151936, carry no meaning)."""
-    if tensor is None:
-        return None
-    out = tensor[:, :-1]
-    return out[..., :vocab_size] if vocab_size is not None else out
+from kd.teachers.base import TeacherOutput
 
 
 class DistillationModule(torch.nn.Module):
+    """Student + loss, the module DeepSpeed trains. ``fused_linear`` is `LossPath.fused_linear` (kd.engine.loss_path),
+    the run's one decision about where the lm_heads run."""
+
     def __init__(self, student: torch.nn.Module, loss: DistillationLoss, vocab_size: int, *, fused_linear: bool = False):
         super().__init__()
         self.student = student
@@ -41,71 +37,62 @@ class DistillationModule(torch.nn.Module):
 
                 deepspeed.zero.register_external_parameter(self, weight)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
-        teacher_logits: Optional[torch.Tensor] = None,
-        teacher_hidden: Optional[tuple[torch.Tensor, ...]] = None,
-        step: int = 0,
-        teacher_final_hidden: Optional[torch.Tensor] = None,
-        teacher_head_weight: Optional[torch.Tensor] = None,
-    ) -> dict[str, Any]:
+    def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int,
+                teacher_head_weight: Optional[torch.Tensor] = None) -> dict[str, Any]:
         """The micro-batch's `LossOutput` as a plain dict: DeepSpeed's ZeRO-3 hooks find the tensors of a returned
         dict (not of a dataclass), and its backward hook is what gathers parameters used outside their module.
 
-        The teacher comes as ``teacher_logits`` or, on the fused-linear path, as ``teacher_final_hidden`` +
-        ``teacher_head_weight`` (its head then runs inside the loss kernel); ``teacher_hidden`` are the intermediate
-        hidden states a loss asked for (all unshifted, [B, L, ...])."""
+        ``batch``: input_ids, attention_mask and labels, unshifted [B, L]. ``teacher``: the source's output for it
+        (logits, or on the fused-linear path possibly final hidden states, whose head ``teacher_head_weight`` then
+        runs inside the loss kernel; plus the intermediate hidden states a loss asked for). ``step``: the 1-based
+        optimizer step being taken."""
         if self.fused_linear:
-            out = self._fused_forward(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step,
-                                      teacher_final_hidden, teacher_head_weight)
+            out = self._fused_forward(batch, teacher, step, teacher_head_weight)
         else:
-            out = self._logits_forward(input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step)
+            out = self._logits_forward(batch, teacher, step)
         return {"loss_sum": out.loss_sum, "num_tokens": out.num_tokens, "terms": out.terms}
 
-    def _logits_forward(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step) -> LossOutput:
+    def _logits_forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int) -> LossOutput:
         want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         out = self.student(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
             output_hidden_states=list(layers) if want and layers is not None else want,
             use_cache=False,
         )
         return self.loss(
             LossInputs(
                 student_logits=shift(out.logits, self.vocab_size),
-                teacher_logits=shift(teacher_logits, self.vocab_size),
-                labels=labels[:, 1:],
+                teacher_logits=shift(teacher.logits, self.vocab_size),
+                labels=batch["labels"][:, 1:],
                 student_hidden=self._selected(out.hidden_states) if want else None,
-                teacher_hidden=_shift_all(teacher_hidden),
+                teacher_hidden=_shift_all(teacher.hidden_states),
                 step=step,
             )
         )
 
-    def _fused_forward(self, input_ids, attention_mask, labels, teacher_logits, teacher_hidden, step,
-                       teacher_final_hidden, teacher_head_weight) -> LossOutput:
+    def _fused_forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int,
+                       teacher_head_weight: Optional[torch.Tensor]) -> LossOutput:
         # The decoder alone: the student's head runs inside the loss kernel. (Called as a submodule of this module,
         # so ZeRO-3's hooks gather its parameters; the lm_head weight is registered as external in __init__.)
         want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         decoder = getattr(self.student, self.student.base_model_prefix)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
         if want:  # the final norm output too: it is the last entry of hidden_states
             selection = list(dict.fromkeys([*layers, -1])) if layers is not None else True
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=selection,
-                          use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=selection, use_cache=False)
         else:
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         return self.loss.fused(FusedInputs(
             student_hidden=shift(out.last_hidden_state),
             student_weight=self.student.get_output_embeddings().weight,
-            labels=labels[:, 1:],
+            labels=batch["labels"][:, 1:],
             vocab_size=self.vocab_size,
-            teacher_logits=shift(teacher_logits, self.vocab_size),
-            teacher_hidden=shift(teacher_final_hidden),
+            teacher_logits=shift(teacher.logits, self.vocab_size),
+            teacher_hidden=shift(teacher.final_hidden),
             teacher_weight=teacher_head_weight,
             student_layers=self._selected(out.hidden_states) if want else None,
-            teacher_layers=_shift_all(teacher_hidden),
+            teacher_layers=_shift_all(teacher.hidden_states),
             step=step,
         ))
 

@@ -30,7 +30,7 @@ class LossInputs:
     student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states: [B, L, H] each,
     # all layers (embeddings first) or those the loss names in student_hidden_layers / teacher_hidden_layers
     teacher_hidden: Optional[tuple[Tensor, ...]] = None
-    step: int = 0  # optimizer step, for losses with schedules
+    step: int = 1  # the 1-based optimizer step being taken (as in metrics.jsonl and on_step_end), for schedules
     # The factor backward will bring to loss_sum: the trainer backpropagates loss_sum * world / global loss tokens.
     # Losses that compute their gradient in forward (the dense one-pass path, kd.ops.dense_loss) store it at this
     # scale so backward has nothing left to do; None (unknown): stored at 1 and rescaled in backward, one more pass.
@@ -55,7 +55,7 @@ class FusedInputs:
     teacher_logits: Optional[Tensor] = None  # [B, L, V''], no grad
     student_layers: Optional[tuple[Tensor, ...]] = None  # intermediate hidden states, as in LossInputs.student_hidden
     teacher_layers: Optional[tuple[Tensor, ...]] = None
-    step: int = 0
+    step: int = 1  # as LossInputs.step
 
 
 @dataclass(frozen=True)

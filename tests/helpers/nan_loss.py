@@ -16,7 +16,7 @@ class NaNAtSteps(DivergenceLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         out = super().forward(inputs)
-        if inputs.step + 1 in self.nan_steps:  # inputs.step counts completed steps
+        if inputs.step in self.nan_steps:  # inputs.step is the 1-based step being taken
             out.loss_sum = out.loss_sum * float("nan")
         return out
 
@@ -41,7 +41,7 @@ class NaNGradientAtSteps(DivergenceLoss):
         self.nan_steps = set(steps)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
-        if inputs.step + 1 in self.nan_steps:
+        if inputs.step in self.nan_steps:
             inputs.student_logits = _NaNGradient.apply(inputs.student_logits)
         return super().forward(inputs)
 
@@ -55,6 +55,6 @@ class TermsChangeAtStep(DivergenceLoss):
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         out = super().forward(inputs)
-        if inputs.step + 1 >= self.change_step:
+        if inputs.step >= self.change_step:
             out.terms = {**out.terms, "surprise": out.loss_sum.detach()}
         return out

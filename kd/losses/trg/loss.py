@@ -87,8 +87,9 @@ class TRGLoss(DistillationLoss):
             self.projectors.extend(torch.nn.Linear(d_s, d_t, bias=False) for _ in self.student_hidden_layers)
 
     def tau(self, step: int) -> float:
-        """InfoNCE temperature at 0-based optimizer step ``step``: linear from tau_start (step 0) to tau_end (last)."""
-        progress = min(1.0, max(0.0, step / max(1, self.total_steps - 1)))
+        """InfoNCE temperature at 1-based optimizer step ``step``: linear from tau_start (step 1) to tau_end (the
+        last step, total_steps)."""
+        progress = min(1.0, max(0.0, (step - 1) / max(1, self.total_steps - 1)))
         return self.cfg.tau_start + (self.cfg.tau_end - self.cfg.tau_start) * progress
 
     @property
@@ -145,7 +146,7 @@ class TRGLoss(DistillationLoss):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """The logit loss's hook (TAID moves t here), plus the temperature the step ``step`` (1-based) trained with."""
-        return {**self.logit_loss.on_step_end(step, metrics), "trg/tau": self.tau(step - 1)}
+        return {**self.logit_loss.on_step_end(step, metrics), "trg/tau": self.tau(step)}
 
     def extra_repr(self) -> str:
         c = self.cfg

@@ -14,7 +14,8 @@ from kd.engine.student import DistillationModule
 from kd.errors import UserError
 from kd.losses import LossContext, build_loss
 from kd.models.heads import has_linear_head
-from kd.teachers import ModelTeacher
+from kd.engine.loss_path import decide
+from kd.teachers import ModelTeacher, TeacherRequest
 
 V_STUDENT, V_TEACHER, VOCAB = 97, 101, 97  # the teacher's head is padded past the shared vocabulary
 
@@ -39,13 +40,12 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 def run(module: DistillationModule, teacher: ModelTeacher, b: dict, *, fused: bool) -> tuple[dict, dict]:
     """One forward + backward; returns the output dict and the student's gradients."""
-    loss = module.loss
-    out_t = teacher(b, hidden_states=loss.needs_hidden_states, layers=loss.teacher_hidden_layers, logits=not fused)
+    path = decide(module.loss, fused_linear=fused, teacher=teacher.info)  # the run's one decision
+    assert path.teacher_head_in_loss == fused
+    out_t = teacher(b, path.request)
     torch.manual_seed(123)  # TRG samples its graph nodes from torch's RNG
     with teacher.head_weight() as w_t:
-        out = module(b["input_ids"], b["attention_mask"], b["labels"], teacher_logits=out_t.logits,
-                     teacher_hidden=out_t.hidden_states, teacher_final_hidden=out_t.final_hidden,
-                     teacher_head_weight=w_t if fused else None, step=3)
+        out = module(b, out_t, 4, w_t if fused else None)
     module.zero_grad(set_to_none=True)
     out["loss_sum"].backward()
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
@@ -70,7 +70,7 @@ def test_fused_path_matches_logits_path(case, tied):
     torch.manual_seed(5)
     loss = build_loss(CASES[case], ctx)
     teacher = ModelTeacher(teacher_model, None, torch.device("cpu"))
-    assert teacher.has_linear_head
+    assert teacher.info.has_linear_head
     b = batch()
     dense = DistillationModule(student, loss, VOCAB)
     fused = DistillationModule(copy.deepcopy(student), copy.deepcopy(loss), VOCAB, fused_linear=True)
@@ -93,14 +93,14 @@ def test_teacher_final_hidden_times_head_gives_its_logits():
     teacher = ModelTeacher(model, None, torch.device("cpu"))
     b = batch(1)
     logits = teacher(b).logits
-    out = teacher(b, hidden_states=True, layers=(1, -1), logits=False)
-    assert out.logits is None and len(out.hidden_states) == 2
+    out = teacher(b, TeacherRequest(signal="hidden", hidden=True, hidden_layers=(1, -1)))
+    assert out.logits is None and len(out.hidden_states) == 2 and out.kind == "hidden"
     with teacher.head_weight() as w:
         torch.testing.assert_close(out.final_hidden @ w.t(), logits, rtol=1e-5, atol=1e-5)
-    full = teacher(b, hidden_states=True)
+    full = teacher(b, TeacherRequest(hidden=True))
     torch.testing.assert_close(out.hidden_states[0], full.hidden_states[1])
     torch.testing.assert_close(out.hidden_states[1], full.hidden_states[-1])
-    bare = teacher(b, logits=False)  # no hidden states asked for: only the final one comes back
+    bare = teacher(b, TeacherRequest(signal="hidden"))  # no hidden states asked for: only the final one comes back
     assert bare.logits is None and bare.hidden_states is None
     torch.testing.assert_close(bare.final_hidden, out.final_hidden)
 

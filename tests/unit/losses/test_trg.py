@@ -150,7 +150,7 @@ def test_sample_nodes_is_reproducible_from_torch_rng_and_uniform():
 
 
 # ---------------------------------------------------------------- the composed loss
-def make_inputs(b=2, length=7, vocab=13, pairs=1, seed=0, step=0):
+def make_inputs(b=2, length=7, vocab=13, pairs=1, seed=0, step=1):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, vocab, (b, length), generator=g)
     labels[0, :2] = F.IGNORE_INDEX  # prompt
@@ -191,9 +191,9 @@ def test_composed_loss_matches_direct_formula(layers):
                     tau_start=0.2, tau_end=0.1, layers=layers)
     loss = build_loss(LossConfig(name="forward_kl", trg=cfg), CTX)
     assert isinstance(loss, TRGLoss) and isinstance(loss.logit_loss, DivergenceLoss)
-    inputs = make_inputs(pairs=len(loss.student_hidden_layers), step=5)
+    inputs = make_inputs(pairs=len(loss.student_hidden_layers), step=6)
     out = loss(inputs)
-    total, terms = direct_total(loss, inputs, cfg, tau=0.15)  # step 5 of 11: halfway from 0.2 to 0.1
+    total, terms = direct_total(loss, inputs, cfg, tau=0.15)  # 1-based step 6 of 11: halfway from 0.2 to 0.1
     torch.testing.assert_close(out.loss_sum.double(), total, rtol=1e-4, atol=1e-5)
     for name, value in terms.items():
         torch.testing.assert_close(out.terms[name].double(), torch.as_tensor(value, dtype=torch.float64), rtol=1e-4, atol=1e-5)
@@ -260,8 +260,8 @@ def test_composes_with_taid_and_ce_and_passes_their_hooks_through():
 
 def test_tau_anneals_linearly_over_the_run():
     loss = build_loss(LossConfig(trg=TRGConfig(tau_start=0.3, tau_end=0.1)), CTX)  # total_steps 11
-    assert [round(loss.tau(s), 6) for s in (0, 5, 10, 50)] == [0.3, 0.2, 0.1, 0.1]
-    assert loss.on_step_end(6, {"loss": 1.0})["trg/tau"] == pytest.approx(0.2)  # step 6 trained at 0-based step 5
+    assert [round(loss.tau(s), 6) for s in (1, 6, 11, 51)] == [0.3, 0.2, 0.1, 0.1]  # 1-based steps
+    assert loss.on_step_end(6, {"loss": 1.0})["trg/tau"] == pytest.approx(0.2)  # the tau step 6 trained with
 
 
 def test_layer_pairs():
@@ -310,14 +310,14 @@ def _tiny_llama(layers=3, hidden=32, seed=0):
 
 
 def test_teacher_returns_only_the_named_hidden_states_in_order():
-    from kd.teachers import ModelTeacher
+    from kd.teachers import ModelTeacher, TeacherRequest
 
     model = _tiny_llama()
     teacher = ModelTeacher(model, None, torch.device("cpu"))
     batch = {"input_ids": torch.randint(0, 40, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    full = teacher(batch, hidden_states=True).hidden_states
+    full = teacher(batch, TeacherRequest(hidden=True)).hidden_states
     assert len(full) == 4
-    some = teacher(batch, hidden_states=True, layers=(3, 1, -1)).hidden_states
+    some = teacher(batch, TeacherRequest(hidden=True, hidden_layers=(3, 1, -1))).hidden_states
     assert len(some) == 3
     for got, want in zip(some, (full[3], full[1], full[3])):
         torch.testing.assert_close(got, want)
@@ -347,7 +347,10 @@ def test_distillation_module_hands_the_loss_the_named_shifted_student_layers():
     module = DistillationModule(student, loss, vocab_size=40)
     ids = torch.randint(0, 40, (2, 6))
     t_hidden = tuple(torch.randn(2, 6, D_T) for _ in range(2))  # what the teacher returns for layers (2, 4)
-    out = module(ids, torch.ones_like(ids), ids.clone(), teacher_logits=torch.randn(2, 6, 40), teacher_hidden=t_hidden)
+    from kd.teachers import TeacherOutput
+
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    out = module(batch, TeacherOutput(logits=torch.randn(2, 6, 40), hidden_states=t_hidden), 1)
     assert loss.teacher_hidden_layers == (2, 4)
     full = student(input_ids=ids, output_hidden_states=True).hidden_states
     assert len(seen["student"]) == 2

@@ -1,0 +1,25 @@
+"""Teacher sources built from the recipe: the one place that knows which kinds exist.
+
+Today the recipe's `teacher:` section describes one model, which becomes a `ModelTeacher` (an inference-only ZeRO-3
+engine, or a replica with ``zero_stage: 0``). A new kind (a fusion of several models, a stored top-k signal) adds
+its recipe section and one branch here; the trainer calls `build_teacher_source` and never touches a teacher model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kd.config.schema import Recipe
+from kd.teachers.base import TeacherSource
+
+
+def build_teacher_source(recipe: Recipe, *, device: torch.device, resolve_path: Callable[[str], str]) -> TeacherSource:
+    """The teacher the recipe describes, loaded straight into its shards on every rank (collective under ZeRO-3)."""
+    from kd.engine.ds_config import teacher_config
+    from kd.models import load_teacher
+    from kd.teachers.model import ModelTeacher
+
+    ds_config = teacher_config(recipe.teacher, micro_batch_size=recipe.train.micro_batch_size)  # None: a replica
+    model = load_teacher(recipe.teacher, zero3_config=ds_config, resolve_path=resolve_path)
+    return ModelTeacher(model, ds_config, device, name=recipe.teacher.path or "inline teacher config")
