@@ -38,7 +38,7 @@ from kd.engine.ds_config import merge, student_config
 from kd.engine.participant import Participant
 from kd.engine.step import LossContractError, StepRunner  # noqa: F401 - LossContractError is re-exported for kd.launch
 from kd.engine.student import DistillationModule, build_engine
-from kd.eval_metrics import evaluate_batches, finish
+from kd.eval_metrics import SUM_FIELDS, evaluate_batches, finish
 from kd.files import atomic_write
 from kd.losses import LossContext, build_loss
 from kd.metrics import MetricsLogger
@@ -199,7 +199,8 @@ class Trainer:
             max_batches=self.recipe.eval.max_batches))
         # logits stay in the model dtype: the metric sums upcast one bounded block of rows at a time
         sums = evaluate_batches(
-            batches, sums=torch.zeros(5, dtype=torch.float64, device=self.device), teacher=lambda b: self.teacher(b).logits, vocab_size=self.vocab_size,
+            batches, vocab_size=self.vocab_size, sums=torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device),
+            teacher=lambda b: self.teacher(b).logits,
             student=lambda b: student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                       use_cache=False).logits)
         student.train()

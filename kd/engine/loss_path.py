@@ -28,6 +28,12 @@ def decide(loss: DistillationLoss, *, fused_linear: bool, teacher: TeacherInfo) 
     """The path for `loss` with the recipe's ``loss.fused_linear`` against a teacher source. The teacher's head joins
     the kernel only when its logits are a plain linear head of its final hidden state; otherwise it hands over its
     logits (the caller says so to the user)."""
+    if loss.needs_teacher and not set(loss.teacher_signals) & set(teacher.signals):
+        from kd.errors import UserError
+
+        raise UserError(f"loss {type(loss).__name__} reads a teacher signal of kind {'/'.join(loss.teacher_signals)}, "
+                        f"but the teacher {teacher.name!r} produces {'/'.join(teacher.signals)}; pick a loss or a "
+                        "teacher source that fit", key="loss.name")
     head_in_loss = fused_linear and loss.needs_teacher and teacher.has_linear_head and "hidden" in teacher.signals
     request = TeacherRequest(signal="hidden" if head_in_loss else "dense", hidden=loss.needs_hidden_states,
                              hidden_layers=loss.teacher_hidden_layers)

@@ -67,7 +67,7 @@ class StepRunner:
             dist.synchronize()
             t1 = time.perf_counter()
             with self._teacher_head_weight() as teacher_weight:  # gathered (ZeRO-3) only for the loss's forward
-                out = LossOutput(**self.engine(batch, teacher_out, step, teacher_weight))
+                out = LossOutput(**self.engine(batch, teacher_out, step, teacher_weight, scale))
             self.engine.backward(out.loss_sum * scale, scale_wrt_gas=False)
             dist.synchronize()
             t2 = time.perf_counter()

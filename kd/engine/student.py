@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from kd.labels import shift
-from kd.losses.base import DistillationLoss, FusedInputs, LossInputs, LossOutput
+from kd.losses.base import DistillationLoss, FusedLinearInputs, LossInputs, LossOutput
 from kd.models.heads import LINEAR_HEAD_MODEL_TYPES, has_linear_head
 from kd.teachers.base import TeacherOutput
 
@@ -38,21 +38,23 @@ class DistillationModule(torch.nn.Module):
                 deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int,
-                teacher_head_weight: Optional[torch.Tensor] = None) -> dict[str, Any]:
+                teacher_head_weight: Optional[torch.Tensor] = None, grad_scale: Optional[float] = None) -> dict[str, Any]:
         """The micro-batch's `LossOutput` as a plain dict: DeepSpeed's ZeRO-3 hooks find the tensors of a returned
         dict (not of a dataclass), and its backward hook is what gathers parameters used outside their module.
 
         ``batch``: input_ids, attention_mask and labels, unshifted [B, L]. ``teacher``: the source's output for it
         (logits, or on the fused-linear path possibly final hidden states, whose head ``teacher_head_weight`` then
         runs inside the loss kernel; plus the intermediate hidden states a loss asked for). ``step``: the 1-based
-        optimizer step being taken."""
+        optimizer step being taken. ``grad_scale``: the factor backward will apply to the loss sum (world / global
+        loss tokens), so one-pass losses store their gradient at that scale already (`LossInputs.grad_scale`)."""
         if self.fused_linear:
             out = self._fused_forward(batch, teacher, step, teacher_head_weight)
         else:
-            out = self._logits_forward(batch, teacher, step)
+            out = self._logits_forward(batch, teacher, step, grad_scale)
         return {"loss_sum": out.loss_sum, "num_tokens": out.num_tokens, "terms": out.terms}
 
-    def _logits_forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int) -> LossOutput:
+    def _logits_forward(self, batch: dict[str, torch.Tensor], teacher: TeacherOutput, step: int,
+                        grad_scale: Optional[float]) -> LossOutput:
         want, layers = self.loss.needs_hidden_states, self.loss.student_hidden_layers
         out = self.student(
             input_ids=batch["input_ids"],
@@ -68,6 +70,7 @@ class DistillationModule(torch.nn.Module):
                 student_hidden=self._selected(out.hidden_states) if want else None,
                 teacher_hidden=_shift_all(teacher.hidden_states),
                 step=step,
+                grad_scale=grad_scale,
             )
         )
 
@@ -83,7 +86,7 @@ class DistillationModule(torch.nn.Module):
             out = decoder(input_ids=ids, attention_mask=mask, output_hidden_states=selection, use_cache=False)
         else:
             out = decoder(input_ids=ids, attention_mask=mask, use_cache=False)
-        return self.loss.fused(FusedInputs(
+        return self.loss.fused_linear_loss(FusedLinearInputs(
             student_hidden=shift(out.last_hidden_state),
             student_weight=self.student.get_output_embeddings().weight,
             labels=batch["labels"][:, 1:],
@@ -112,7 +115,7 @@ def check_fused_linear(loss: DistillationLoss, model_type: str, *, linear_head: 
     (``linear_head``: no bias on the lm_head)."""
     from kd.errors import UserError
 
-    if not loss.supports_fused:
+    if not loss.supports_fused_linear:
         raise UserError(f"loss {type(loss).__name__} has no fused-linear form (the divergences and taid have, with or "
                         "without loss.trg); set loss.fused_linear: false", key="loss.fused_linear")
     if model_type not in LINEAR_HEAD_MODEL_TYPES or not linear_head:

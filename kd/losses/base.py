@@ -38,7 +38,7 @@ class LossInputs:
 
 
 @dataclass
-class FusedInputs:
+class FusedLinearInputs:
     """What the trainer hands a loss on the fused-linear path (``loss.fused_linear: true``) for one micro-batch: the
     final hidden states and lm_head weights instead of logits, already shifted against ``labels``.
 
@@ -115,15 +115,18 @@ class DistillationLoss(torch.nn.Module):
     # None = all of them. The teacher captures only these (transformers keeps just the selected layers' outputs).
     student_hidden_layers: Optional[tuple[int, ...]] = None
     teacher_hidden_layers: Optional[tuple[int, ...]] = None
-    # True: `fused` computes the same loss from hidden states and lm_head weights (the loss.fused_linear path).
-    supports_fused: bool = False
+    # True: `fused_linear_loss` computes the same loss from hidden states and lm_head weights (loss.fused_linear).
+    supports_fused_linear: bool = False
+    # The teacher signals `forward` reads (`kd.teachers.TeacherOutput.kind`): "dense" logits; a loss on a stored top-k
+    # signal says "sparse". The run refuses a teacher source that produces none of them before training starts.
+    teacher_signals: tuple[str, ...] = ("dense",)
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
         """Return the micro-batch's loss sum, loss-token count and per-term sums (see `LossOutput`)."""
         raise NotImplementedError(f"{type(self).__name__} must implement forward(inputs) -> LossOutput")
 
-    def fused(self, inputs: FusedInputs) -> LossOutput:  # pragma: no cover - abstract
-        """The loss of `forward` from `FusedInputs` (only for losses that set ``supports_fused``)."""
+    def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:  # pragma: no cover - abstract
+        """The loss of `forward` from `FusedLinearInputs` (only for losses that set ``supports_fused_linear``)."""
         raise NotImplementedError(f"{type(self).__name__} has no fused-linear form")
 
     def term_names(self) -> Optional[tuple[str, ...]]:
@@ -158,8 +161,8 @@ def mix_with_ce(name: str, div_sum: Tensor, inputs: "LossInputs", mask: Tensor, 
     return LossOutput(loss_sum=loss_sum, num_tokens=mask.sum(), terms=terms)
 
 
-def fused_mix_with_ce(name: str, inputs: FusedInputs, *, divergence: str, temperature: float, ce_weight: float,
-                      kernel: str, **divergence_kwargs) -> LossOutput:
+def fused_linear_mix_with_ce(name: str, inputs: FusedLinearInputs, *, divergence: str, temperature: float,
+                             ce_weight: float, kernel: str, **divergence_kwargs) -> LossOutput:
     """`mix_with_ce` on the fused-linear path: ``(1 - w) * divergence + w * CE`` summed over loss tokens by
     `kd.ops.fused_linear_divergence` (the CE comes out of the same pass over each block of logits, so it is free)."""
     from kd.ops import fused_linear_divergence

@@ -21,7 +21,7 @@ from kd.losses.functional import DIVERGENCES, IGNORE_INDEX, cross_entropy
 from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar  # noqa: F401  (re-exported for callers of old)
 from kd.ops.torch_path import taid_logits
 
-# Elements per block of rows (rows * V) for bounded-memory eager passes (kd.evaluate's held-out sums).
+# Elements per block of rows (rows * V) for bounded-memory eager passes (kd.eval_metrics' held-out sums).
 EAGER_BLOCK_ELEMENTS = 1 << 23
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import inspect
 
 from kd.errors import UserError
-from kd.losses.base import (DistillationLoss, FusedInputs, LossInputs, LossOutput, fused_mix_with_ce, loss_token_mask,
-                            masked_sum, mix_with_ce)
+from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossInputs, LossOutput, fused_linear_mix_with_ce,
+                            loss_token_mask, masked_sum, mix_with_ce)
 from kd.losses.functional import DIVERGENCES, cross_entropy
 from kd.ops import dense_loss
 
@@ -57,7 +57,7 @@ class DivergenceLoss(DistillationLoss):
 
     needs_teacher = True
     needs_hidden_states = False
-    supports_fused = True
+    supports_fused_linear = True
 
     def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, kernel: str = "auto",
                  **divergence_kwargs: float):
@@ -88,10 +88,13 @@ class DivergenceLoss(DistillationLoss):
         return dense_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, **self.divergence_kwargs)
 
-    def fused(self, inputs: FusedInputs) -> LossOutput:
+    def term_names(self) -> tuple[str, ...]:
+        return ("kd", "ce") if self.ce_weight > 0.0 else ("kd",)
+
+    def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:
         """The same loss from hidden states and lm_head weights (`kd.ops.fused_linear_divergence`: the logits exist
         only a block of rows at a time)."""
-        return fused_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
+        return fused_linear_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, **self.divergence_kwargs)
 
     def extra_repr(self) -> str:
@@ -104,6 +107,9 @@ class CrossEntropyLoss(DistillationLoss):
 
     needs_teacher = False
     needs_hidden_states = False
+
+    def term_names(self) -> tuple[str, ...]:
+        return ("ce",)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         """Sum the per-token CE over the loss tokens; ``teacher_logits`` is ignored (normally None)."""

@@ -46,8 +46,8 @@ from typing import Any
 
 from kd.config.schema import LossConfig
 from kd.errors import UserError
-from kd.losses.base import (DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, fused_mix_with_ce,
-                            loss_token_mask, masked_sum, mix_with_ce)
+from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossContext, LossInputs, LossOutput,
+                            fused_linear_mix_with_ce, loss_token_mask, masked_sum, mix_with_ce)
 from kd.losses.divergence import dense_mix_with_ce
 from kd.losses.functional import taid_kl
 
@@ -75,7 +75,7 @@ class TAIDLoss(DistillationLoss):
 
     needs_teacher = True
     needs_hidden_states = False
-    supports_fused = True
+    supports_fused_linear = True
     # The metric on_step_end reads J from: the trainer logs term "taid" as "train/taid" (global token mean).
     J_KEY = "train/taid"
 
@@ -111,9 +111,12 @@ class TAIDLoss(DistillationLoss):
         return dense_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, taid_t=self.t)
 
-    def fused(self, inputs: FusedInputs) -> LossOutput:
+    def term_names(self) -> tuple[str, ...]:
+        return ("taid", "ce") if self.ce_weight > 0.0 else ("taid",)
+
+    def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:
         """TAID from hidden states and lm_head weights (`kd.ops.fused_linear_divergence` with ``taid_t``)."""
-        return fused_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
+        return fused_linear_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, taid_t=self.t)
 
     # ------------------------------------------------------------------ schedule

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from kd.labels import IGNORE_INDEX
 from kd.ops.spec import DivergenceSpec, FusedLossOutput
 from kd.ops import torch_path
 
@@ -82,7 +83,7 @@ class _DenseRows(torch.autograd.Function):
     def forward(ctx, student: Tensor, teacher: Tensor, mask: Tensor, spec: DivergenceSpec, backend: tuple):
         run, buffer = backend
         grad, _ = buffer(student)
-        labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+        labels = torch.full(mask.shape, IGNORE_INDEX, dtype=torch.long, device=mask.device)
         kd_rows, _ = run(student, teacher, mask, labels, spec, 1.0, 0.0, grad)
         ctx.grad = grad
         return kd_rows

@@ -84,7 +84,7 @@ def _rows_kernel(s_ptr, s_l, s_sb, s_sl, t_ptr, t_l, t_sb, t_sl, g_ptr, g_l, g_s
     kd_on = tl.load(mask_ptr + row) != 0
     active = kd_on
     label = tl.load(label_ptr + row)
-    ce_on = label != -100
+    ce_on = label != -100  # kd.labels.IGNORE_INDEX (a literal: Triton kernels take no Python globals)
     if CE:
         active = active | ce_on
     kd = 0.0

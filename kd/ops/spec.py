@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from torch import Tensor
 
-IGNORE_INDEX = -100
+from kd.labels import IGNORE_INDEX  # noqa: F401 - re-exported: the spec and the kernels use the same constant
 
 # The divergences by recipe name (`loss.name`); kd.losses.functional.DIVERGENCES maps the same names to the eager
 # formulas (a test checks the two agree). jsd takes `beta`, the skew ones `alpha`; all take `temperature`.

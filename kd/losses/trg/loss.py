@@ -24,12 +24,13 @@ them with the student.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from kd.config.schema import TRGConfig
 from kd.errors import UserError
-from kd.losses.base import DistillationLoss, FusedInputs, LossContext, LossInputs, LossOutput, loss_token_mask
+from kd.losses.base import DistillationLoss, FusedLinearInputs, LossContext, LossInputs, LossOutput, loss_token_mask
 from kd.losses.trg.terms import (contextual_loss, gather_nodes, global_contrastive_loss, local_graph_loss, normalize,
                                  sample_nodes)
 
@@ -93,17 +94,26 @@ class TRGLoss(DistillationLoss):
         return self.cfg.tau_start + (self.cfg.tau_end - self.cfg.tau_start) * progress
 
     @property
-    def supports_fused(self) -> bool:  # the TRG terms read hidden states, which the fused path has too
-        return self.logit_loss.supports_fused
+    def supports_fused_linear(self) -> bool:  # the TRG terms read hidden states, which the fused path has too
+        return self.logit_loss.supports_fused_linear
+
+    def term_names(self) -> Optional[tuple[str, ...]]:
+        """The logit loss's terms, then each TRG term whose weight is on (in the order `_add_terms` adds them)."""
+        logit = self.logit_loss.term_names()
+        if logit is None:
+            return None
+        c = self.cfg
+        weighted = (("trg/context", c.context_weight), ("trg/local", c.local_weight), ("trg/global", c.global_weight))
+        return tuple(logit) + tuple(name for name, weight in weighted if weight > 0.0)
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         """The logit loss's output with the weighted TRG sums added to ``loss_sum`` and the TRG terms to ``terms``."""
         return self._add_terms(self.logit_loss(inputs), inputs.labels, inputs.student_hidden, inputs.teacher_hidden,
                                inputs.step)
 
-    def fused(self, inputs: FusedInputs) -> LossOutput:
+    def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:
         """The same on the fused-linear path: the logit loss's fused form plus the TRG terms on the selected layers."""
-        return self._add_terms(self.logit_loss.fused(inputs), inputs.labels, inputs.student_layers,
+        return self._add_terms(self.logit_loss.fused_linear_loss(inputs), inputs.labels, inputs.student_layers,
                                inputs.teacher_layers, inputs.step)
 
     def _add_terms(self, out: LossOutput, labels: torch.Tensor, student_hidden, teacher_hidden,

@@ -137,3 +137,21 @@ def test_fused_path_matches_logits_path_bf16_on_gpu(case):
     torch.testing.assert_close(out_f["loss_sum"], out_d["loss_sum"], rtol=2e-2, atol=2e-2)
     for name, g in grads_d.items():
         torch.testing.assert_close(grads_f[name].float(), g.float(), rtol=5e-2, atol=5e-3, msg=name)
+
+
+def test_the_loss_path_is_decided_once_from_loss_and_teacher():
+    from kd.teachers import TeacherInfo
+
+    loss = build_loss(LossConfig(name="forward_kl"))
+    linear = TeacherInfo(name="t", vocab_size=97, hidden_size=8, num_layers=2, has_linear_head=True,
+                         signals=("dense", "hidden"))
+    assert decide(loss, fused_linear=True, teacher=linear).request.signal == "hidden"
+    assert decide(loss, fused_linear=False, teacher=linear).request.signal == "dense"
+    other = TeacherInfo(name="t", vocab_size=97, hidden_size=8, num_layers=2, has_linear_head=False)
+    path = decide(loss, fused_linear=True, teacher=other)  # no plain head: the teacher hands over its logits
+    assert path.fused_linear and not path.teacher_head_in_loss and path.request.signal == "dense"
+    store = TeacherInfo(name="store", vocab_size=97, hidden_size=0, num_layers=0, has_linear_head=False,
+                        signals=("sparse",))
+    with pytest.raises(UserError, match="produces sparse"):  # a dense-only loss on a top-k store: refused up front
+        decide(loss, fused_linear=False, teacher=store)
+    assert not decide(build_loss(LossConfig(name="ce")), fused_linear=False, teacher=store).needs_teacher

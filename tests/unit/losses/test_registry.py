@@ -101,3 +101,26 @@ def test_options_that_do_not_fit_the_class(user_module):
     with pytest.raises(UserError) as err:
         build_loss(LossConfig(name=f"{user_module}.ScaledCE", options={"scael": 2.0}))
     assert err.value.key == "loss.options" and "scael" in err.value.message
+
+
+@pytest.mark.parametrize("section", [
+    {"name": "forward_kl"}, {"name": "jsd", "beta": 0.3, "ce_weight": 0.2}, {"name": "ce"},
+    {"name": "taid"}, {"name": "taid", "ce_weight": 0.5},
+    {"name": "forward_kl", "ce_weight": 0.1, "trg": {"layers": "final", "local_weight": 0.0}},
+])
+def test_declared_term_names_are_the_terms_returned(section):
+    """Issue 10 item 8: a built-in loss fixes its logging terms when built; every micro-batch returns exactly them."""
+    import torch
+
+    from kd.config.schema import LossConfig
+    from kd.losses import LossContext, LossInputs, build_loss
+
+    loss = build_loss(LossConfig.model_validate(section), LossContext(
+        total_steps=4, student_hidden_size=8, teacher_hidden_size=8, student_num_layers=2, teacher_num_layers=2))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 11, (2, 5), generator=g)
+    labels[0, :2] = -100
+    hidden = tuple(torch.randn(2, 5, 8, generator=g) for _ in range(len(loss.student_hidden_layers or ())))
+    inputs = LossInputs(torch.randn(2, 5, 11, generator=g, requires_grad=True), torch.randn(2, 5, 11, generator=g),
+                        labels, student_hidden=hidden or None, teacher_hidden=hidden or None, step=1)
+    assert tuple(loss(inputs).terms) == loss.term_names()
