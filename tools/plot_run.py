@@ -7,8 +7,8 @@
 By default one panel per series a user reads: the loss and its terms (train/*), the held-out metrics (eval/*), the
 learning rate, the gradient norm, the throughput (perf/tokens_per_s) and the loss's own state (taid/t, ...). Left
 out, and listed under the figure: series that stay constant (e.g. lr without a schedule, eval/teacher_ppl,
-train/skipped_steps = 0) with their value, series equal to another one (taid/J = train/taid; loss = train/<term>
-for a one-term loss), and the details (the perf/* time split, train/loss_tokens, eval/tokens, and
+train/skipped_steps = 0) with their value, series equal to one drawn before (train/<term> = loss for a one-term
+loss, taid/J = loss then), and the details (the perf/* time split, train/loss_tokens, eval/tokens, and
 eval/student_nll, which is log eval/student_ppl). ``--all`` draws every numeric series. A panel whose positive
 values span a factor of 10 or more (perplexity, a gradient-norm spike) has a log y axis; sparse series (evals) are
 drawn with markers.
@@ -149,13 +149,14 @@ def _save(plt, fig, out: Path) -> None:
     plt.close(fig)
 
 
-def plot(series: Series, out: Path, title: str, *, everything: bool = False) -> list[str]:
-    """Draw one panel per selected key (3 columns) and save a PNG at `out`; returns the keys drawn."""
+def plot(series: Series, out: Path, title: str, *, everything: bool = False) -> dict[str, str]:
+    """Draw one panel per selected key (3 columns) and save a PNG at `out`; returns {key drawn: "log" | "linear"}."""
     keys, left_out = select(series, everything=everything)
     if not keys:
         raise UserError(f"nothing to plot: every series is constant ({left_out_note(left_out)}); --all draws them")
     plt = _pyplot()
     fig, axes = _grid(plt, len(keys), title, left_out_note(left_out))
+    scales = {}
     for ax, key in zip(axes, keys):
         steps = sorted(series[key])
         values = [series[key][s] for s in steps]
@@ -163,12 +164,13 @@ def plot(series: Series, out: Path, title: str, *, everything: bool = False) -> 
         ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, linewidth=1.2)
         if log:
             ax.set_yscale("log")
+        scales[key] = ax.get_yscale()
         ax.set_title(key + (" (log scale)" if log else ""), fontsize=10)
         ax.grid(True, alpha=0.3, which="both" if log else "major")
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
     _save(plt, fig, out)
-    return keys
+    return scales
 
 
 def plot_compare(groups: dict[str, list[Series]], out: Path, title: str) -> None:

@@ -224,24 +224,114 @@ def test_export_cli_errors_are_one_line_exit_2(checkpoints, tmp_path, case):
 
 # --- plot_run ---------------------------------------------------------------------------------------------------
 
-def test_plot_run_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
-    rows = [{"step": s, "loss": 3.0 / s, "train/kd": 2.0 / s, "lr": 1e-4} for s in range(1, 21)]
-    rows[4].update({"eval/kl": 0.5, "eval/top1_agreement": 0.3})
-    rows[19].update({"eval/kl": 0.2, "eval/top1_agreement": 0.6})
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = _run_tool("plot_run.py", str(tmp_path), "-o", str(tmp_path / "curves.png"))
-    assert proc.returncode == 0, proc.stderr
-    data = (tmp_path / "curves.png").read_bytes()
+@pytest.fixture(scope="module")
+def plot_run():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_run", TOOLS / "plot_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _taid_rows(steps: int = 150) -> list[dict]:
+    """A 150-step TAID run as the trainer logs it (every key of a real one), eval every 10 steps and at step 0."""
+    import math
+
+    def evals(s: int) -> dict:
+        nll = 5.7 + 7.2 * math.exp(-s / 12)  # perplexity ~400,000 -> ~300
+        return {"eval/student_ppl": math.exp(nll), "eval/student_nll": nll, "eval/teacher_ppl": 35.2,
+                "eval/kl": 2.4 + 7.8 * math.exp(-s / 15), "eval/top1_agreement": 0.32 - 0.31 * math.exp(-s / 20),
+                "eval/tokens": 1016.0}
+
+    rows = [{"step": 0, **evals(0)}]
+    for s in range(1, steps + 1):
+        loss = 2.4 + 8 * math.exp(-s / 20) + 0.05 * math.sin(s)
+        rows.append({"step": s, "loss": loss, "train/taid": loss, "lr": 5e-4, "grad_norm": 1 + 20 * math.exp(-s / 30),
+                     "perf/tokens_per_s": 140 + math.sin(s), "perf/step_s": 3.7 + 0.1 * math.sin(s),
+                     "perf/teacher_s": 1.2 + 0.01 * math.cos(s), "perf/student_s": 1.6 + 0.01 * math.sin(s),
+                     "perf/optimizer_s": 0.8 + 0.01 * math.sin(2 * s), "train/loss_tokens": 508.0 - s % 3,
+                     "train/skipped_steps": 0.0, "taid/t": min(1.0, 0.4 + 0.6 * s / 120), "taid/m": 0.01 * math.cos(s),
+                     "taid/J": loss, **(evals(s) if s % 10 == 0 else {})})
+    return rows
+
+
+def _write_metrics(run_dir: Path, rows: list[dict]) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     # the IHDR chunk holds width and height (big-endian) right after the signature and chunk header
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert width > 100 and height > 100
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
-def test_plot_run_errors(tmp_path):
+def test_default_panels_leave_out_constants_duplicates_and_details(plot_run, tmp_path):
+    series = plot_run.read_series(_write_metrics(tmp_path, _taid_rows()))
+    assert len(series) == 20
+    keys, left_out = plot_run.select(series)
+    assert keys == ["loss", "eval/kl", "eval/student_ppl", "eval/top1_agreement", "grad_norm", "perf/tokens_per_s",
+                    "taid/m", "taid/t"]
+    assert left_out["constant"] == {"train/skipped_steps": 0.0, "eval/teacher_ppl": 35.2, "eval/tokens": 1016.0,
+                                    "lr": 5e-4}
+    assert left_out["same"] == {"train/taid": "loss", "taid/J": "loss"}
+    assert sorted(left_out["detail"]) == ["eval/student_nll", "perf/optimizer_s", "perf/step_s", "perf/student_s",
+                                          "perf/teacher_s", "train/loss_tokens"]
+    note = plot_run.left_out_note(left_out)
+    assert "constant: train/skipped_steps = 0, eval/teacher_ppl = 35.2, eval/tokens = 1016, lr = 0.0005" in note
+    assert "train/taid = loss" in note and note.endswith("(--all draws every series)")
+    everything, none = plot_run.select(series, everything=True)
+    assert sorted(everything) == sorted(series) and not any(none.values())
+    # a learning-rate schedule is not constant: drawn
+    series["lr"] = {s: 5e-4 * min(1.0, s / 10) for s in series["lr"]}
+    assert "lr" in plot_run.select(series)[0]
+
+
+def test_log_axis_for_series_spanning_decades(plot_run, tmp_path):
+    assert plot_run.wants_log([400_000.0, 3_000.0, 300.0])
+    assert not plot_run.wants_log([10.2, 2.4])  # KL: a factor of 4
+    assert not plot_run.wants_log([0.007, 0.32])  # top-1 agreement: 46x, not two decades
+    assert not plot_run.wants_log([0.0, 1e-4, 5e-4])  # lr warming up from 0
+    assert not plot_run.wants_log([-3.0, 500.0])
+    pytest.importorskip("matplotlib")
+    series = plot_run.read_series(_write_metrics(tmp_path, _taid_rows()))
+    scales = plot_run.plot(series, tmp_path / "curves.png", title="run")
+    assert scales["eval/student_ppl"] == "log"
+    assert {k for k, v in scales.items() if v == "log"} == {"eval/student_ppl"}
+    assert _png_size(tmp_path / "curves.png")[0] > 1000
+
+
+def test_plot_run_cli_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_metrics(tmp_path, _taid_rows(40))
+    proc = _run_tool("plot_run.py", str(tmp_path), "-o", str(tmp_path / "curves.png"), "--all")
+    assert proc.returncode == 0, proc.stderr
+    width, height = _png_size(tmp_path / "curves.png")
+    assert width > 1000 and height > 7 * 250  # 20 panels in rows of 3
+
+
+def test_plot_compare_one_line_per_dir_mean_over_seeds(plot_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _write_metrics(tmp_path / "taid" / "seed_0", _taid_rows(40))
+    _write_metrics(tmp_path / "taid" / "seed_1", _taid_rows(40))
+    _write_metrics(tmp_path / "ce", _taid_rows(40))
+    assert [len(plot_run.compare_group(tmp_path / d)) for d in ("taid", "ce")] == [2, 1]
+    out = tmp_path / "cmp.png"
+    assert plot_run.main(["--compare", str(tmp_path / "taid"), str(tmp_path / "ce"), "-o", str(out)]) == 0
+    assert _png_size(out)[0] > 1000
+
+
+def test_plot_run_errors(plot_run, tmp_path, capsys):
     proc = _run_tool("plot_run.py", str(tmp_path / "nope"))
     assert proc.returncode == 2 and "metrics.jsonl" in proc.stderr
     (tmp_path / "metrics.jsonl").write_text("{not json}\n")
-    proc = _run_tool("plot_run.py", str(tmp_path))
-    assert proc.returncode == 2 and "line 1" in proc.stderr
+    assert plot_run.main([str(tmp_path)]) == 2 and "line 1" in capsys.readouterr().err
+    _write_metrics(tmp_path, [{"step": s, "lr": 1e-4} for s in range(1, 5)])
+    assert plot_run.main([str(tmp_path)]) == 2 and "every series is constant" in capsys.readouterr().err
+    assert plot_run.main(["--compare", str(tmp_path / "empty"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "neither metrics.jsonl nor seed_*/metrics.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot_run.main(["--compare", str(tmp_path)])  # no -o
