@@ -33,9 +33,59 @@ class ModelSource(Section):
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run. Off unless you trust the source.")
 
 
+class FusionModelConfig(ModelSource):
+    """A small model of a fusion (the small base, an expert): its own inference-only engine, like the teacher's."""
+
+    zero_stage: Literal[0, 3] = Field(3, description="3 = parameters sharded across all ranks; 0 = a full replica per rank (small models: usually faster).")
+    offload_params: bool = Field(False, description="With zero_stage 3, keep the parameter shards in CPU memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.config is None:
+            raise ValueError("set `path` (a model directory) or `config` (an inline model config)")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage: 3")
+        return self
+
+
+class FusionGridConfig(Section):
+    low: float = Field(0.0, description="Smallest weight a_t an expert may get.")
+    high: float = Field(2.0, description="Largest weight a_t; high - low must be a whole number of steps.")
+    step: float = Field(0.1, gt=0, description="Spacing of the weights searched between low and high.")
+
+    @model_validator(mode="after")
+    def _makes_a_grid(self):
+        from kd.fusion.grid import grid_points  # pure Python: raises ValueError naming what is wrong
+
+        grid_points(self.low, self.high, self.step)
+        return self
+
+
+class FusionConfig(Section):
+    small_base: FusionModelConfig = Field(description="The small base model every expert was fine-tuned from (same tokenizer as the large base).")
+    experts: list[FusionModelConfig] = Field(description="The task experts (fine-tunes of small_base), at least one; in this order on every rank, and in the tie rule.")
+    mode: Literal["single", "joint", "static"] = Field("single", description="single: per position one expert active, the best of T x G candidates (the paper's); joint: all weights together (full grid for <= 2 experts, else coordinate descent); static: the fixed static_weights (proxy-tuning).")
+    grid: FusionGridConfig = Field(default_factory=FusionGridConfig, description="The weights searched per expert (single, joint).")
+    static_weights: Optional[list[float]] = Field(None, description="mode static: one weight per expert (default 1 each).")
+    chunk_rows: int = Field(512, ge=1, description="Positions solved at once; memory ~ chunk_rows x vocab x 4 bytes x (experts + 7).")
+    sweeps: int = Field(10, ge=1, description="mode joint with more than 2 experts: most coordinate-descent sweeps per position.")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.experts:
+            raise ValueError("`experts` lists no model: fusion needs at least one expert (a fine-tune of small_base)")
+        if self.static_weights is not None:
+            if self.mode != "static":
+                raise ValueError(f"static_weights is set but mode is {self.mode!r}; set mode: static or drop static_weights")
+            if len(self.static_weights) != len(self.experts):
+                raise ValueError(f"static_weights has {len(self.static_weights)} entries for {len(self.experts)} experts: give one per expert")
+        return self
+
+
 class TeacherConfig(ModelSource):
     zero_stage: Literal[0, 3] = Field(3, description="3 = parameters sharded across all ranks (teachers larger than one GPU); 0 = a full replica per rank.")
     offload_params: bool = Field(False, description="With zero_stage 3, keep the teacher's parameter shards in CPU memory.")
+    fusion: Optional[FusionConfig] = Field(None, description="Dynamic logit fusion: this model is the large base, steered per position by small experts (README \"Dynamic logit fusion\"); unset = one teacher.")
 
     @model_validator(mode="after")
     def _one_source(self):

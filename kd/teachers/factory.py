@@ -1,8 +1,9 @@
 """Teacher sources built from the recipe: the one place that knows which kinds exist.
 
-Today the recipe's `teacher:` section describes one model, which becomes a `ModelTeacher` (an inference-only ZeRO-3
-engine, or a replica with ``zero_stage: 0``). A new kind (a fusion of several models, a stored top-k signal) adds
-its recipe section and one branch here; the trainer calls `build_teacher_source` and never touches a teacher model.
+The recipe's `teacher:` section describes one model, which becomes a `ModelTeacher` (an inference-only ZeRO-3
+engine, or a replica with ``zero_stage: 0``), or with ``teacher.fusion:`` the large base of a `FusionTeacher` (that
+model steered per position by small experts, kd.teachers.fusion). A new kind (a stored top-k signal) adds its recipe
+section and one branch here; the trainer calls `build_teacher_source` and never touches a teacher model.
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def build_teacher_source(recipe: Recipe, *, device: torch.device, resolve_path: 
     from kd.models import load_teacher
     from kd.teachers.model import ModelTeacher
 
+    if recipe.teacher.fusion is not None:  # the teacher section is the large base of a fusion (kd.teachers.fusion)
+        from kd.teachers.fusion import build_fusion_teacher
+
+        return build_fusion_teacher(recipe, device=device, resolve_path=resolve_path)
     ds_config = teacher_config(recipe.teacher, micro_batch_size=recipe.train.micro_batch_size)  # None: a replica
     model = load_teacher(recipe.teacher, zero3_config=ds_config, resolve_path=resolve_path)
     return ModelTeacher(model, ds_config, device, name=recipe.teacher.path or "inline teacher config")
