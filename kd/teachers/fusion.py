@@ -64,10 +64,10 @@ class FusionTeacher:
         rank; the solver then works on the B*L positions (padding included: the mask only weighs the stats)."""
         if request.hidden or request.signal != "dense":
             raise UserError(_NOT_DEFINED, key="loss")
-        dense = TeacherRequest()
-        logits = [m(batch, dense).logits[..., :self.vocab_size] for m in (self.large, self.small, *self.experts)]
-        shape = logits[0].shape
-        flat = [z.reshape(-1, shape[-1]) for z in logits]
+        dense, vocab = TeacherRequest(), self.vocab_size
+        shape = (*batch["input_ids"].shape, vocab)
+        # cut + reshape copies a padded head's logits, and the model's own [B, L, V_model] tensor is freed right away
+        flat = [m(batch, dense).logits[..., :vocab].reshape(-1, vocab) for m in (self.large, self.small, *self.experts)]
         result = self.solve(flat[0], flat[1], flat[2:])
         self._last = fstats.batch_stats(result, batch.get("attention_mask"))
         return TeacherOutput(logits=result.logits.view(shape))
@@ -84,9 +84,13 @@ class FusionTeacher:
     def last_stats(self) -> dict[str, float]:
         """Sums and counts of the latest call (kd.fusion.stats: names, and `summary` for the means after summing over
         micro-batches and an all-reduce across ranks); empty before the first call. One host sync."""
-        if self._last is None:
-            return {}
-        return dict(zip(fstats.stat_names(len(self.experts)), self._last.tolist()))
+        names, values = self.last_stats_vector()
+        return dict(zip(names, values.tolist())) if values is not None else {}
+
+    def last_stats_vector(self) -> tuple[list[str], torch.Tensor | None]:
+        """The same as names + one fp64 vector on the models' device (no host sync): add it up over a step's
+        micro-batches and all-reduce it (sum) as one tensor; None before the first call."""
+        return fstats.stat_names(len(self.experts)), self._last
 
 
 def _sections(recipe: Recipe) -> list[tuple[str, str, ModelSource]]:

@@ -59,6 +59,8 @@ def test_fused_logits_are_the_solver_on_each_models_logits(mode):
     assert not torch.equal(out.logits.reshape(-1, VOCAB), each[0]), "the experts should move some position"
 
     stats = teacher.last_stats()
+    names, vector = teacher.last_stats_vector()
+    assert names == list(stats) and vector.dtype == torch.float64 and vector.tolist() == list(stats.values())
     keep = b["attention_mask"].reshape(-1).bool()
     assert stats["fusion/positions"] == keep.sum().item() == 12
     for t in range(2):
