@@ -17,8 +17,9 @@ it when it has none). Every run has its own directory, so no run's resume identi
 another loss or train.seed) ever changes. A finished run whose recorded recipe (its recipe.yaml) differs from the
 requested one in what kd's resume checks (models, data, loss, train.seed) is an error, not a stale table row. With
 ``train.epochs`` the final step depends on the data, so the tool cannot tell: every run goes to ``kd train`` (a
-finished run returns after its start-up) and the table takes each run's last eval. Ctrl-C stops the current run the
-way kd does (it saves a checkpoint first), then the comparison; run the command again to continue.
+finished run returns after its start-up) and the table takes each run's last eval. Ctrl-C reaches kd's ranks too (they
+save a checkpoint, as on any SIGINT); the tool waits for `kd train` to return instead of killing it, then stops; run
+the command again to continue.
 
 One progress line per run on stderr (skipped / training from step N / done, with time and an estimate of what is
 left), then a Markdown table: one row per loss from the final eval of its finished runs (held-out student NLL and
