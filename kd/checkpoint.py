@@ -58,7 +58,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointWriteError(Exception):
-    """Saving failed on some rank (disk full, permissions); the tag was removed and `latest` left untouched."""
+    """Saving failed on some rank (disk full, permissions); the tag was removed and `latest` left untouched.
+    ``local``: only this rank knows (it reports the error itself; the launcher then stops the others)."""
+
+    def __init__(self, message: str, *, local: bool = False):
+        super().__init__(message)
+        self.local = local
 
 
 class _WriteGuard:
@@ -129,7 +134,15 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
     with _WriteGuard(engine) as guard:
         try:
             engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False)
-        except Exception as e:  # noqa: BLE001 - e.g. a disk-full OSError from DeepSpeed's own os.makedirs
+        except Exception as e:  # noqa: BLE001
+            # Not one of the engine's writes (those the guard catches): this rank left DeepSpeed's save somewhere
+            # between its barriers, so no collective can be trusted to pair up. It reports and exits on its own; the
+            # launcher stops the other ranks. The tag has no manifest, so resume skips it.
+            if dist.world_size() > 1:
+                raise CheckpointWriteError(f"writing checkpoint {tag_dir} failed on rank {dist.rank()} inside "
+                                           f"DeepSpeed's save: {_describe_write_error(e)}. The newest complete "
+                                           f"checkpoint is still {read_latest(ckpt_dir) or 'none'}",
+                                           local=True) from e
             error = e
     error = error or guard.error
     if error is None:
@@ -154,9 +167,14 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
                                    "fix permissions) and resume")
 
     def publish() -> None:
-        _write_manifest(tag_dir)
-        atomic_write(os.path.join(ckpt_dir, "latest"), tag)
-        prune(ckpt_dir, keep_last, lineage=lineage, keep=tag)
+        try:
+            _write_manifest(tag_dir)
+            atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+            prune(ckpt_dir, keep_last, lineage=lineage, keep=tag)
+        except OSError as e:
+            raise CheckpointWriteError(f"finishing checkpoint {tag_dir} failed: {_describe_write_error(e)}. `latest` "
+                                       f"names {read_latest(ckpt_dir) or 'nothing'}; resume skips a tag without a "
+                                       "complete manifest. Free space (or fix permissions) and resume") from e
 
     dist.run_on_main(publish)
     return tag

@@ -110,6 +110,10 @@ def check_models(recipe: Recipe) -> Any:
         student_config = source_config(recipe.student, section="student", resolve_path=resolve)
     check_compatible(tokenizer, teacher_config, student_config, recipe.data.seq_len)
     check_student_tokenizer(recipe, tokenizer)
+    if recipe.teacher.fusion is not None:  # the small base and the experts: vocabularies, tokenizers, architectures
+        from kd.teachers.fusion import check_fusion_models
+
+        check_fusion_models(recipe, tokenizer, resolve_path=resolve)
     # building the loss checks its name, options and method sections (cheap: no model weights involved)
     from kd.losses import LossContext, build_loss
 

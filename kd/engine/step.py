@@ -58,12 +58,16 @@ class StepRunner:
         scale = self.world / max(loss_tokens, 1.0)
 
         sums: Optional[torch.Tensor] = None
+        teacher_stats: Optional[torch.Tensor] = None  # a source's own per-step sums (a fusion's weights), if any
         names: list[str] = []
         t_teacher = t_student = t_optim = 0.0
         finite = True
         for i, batch in enumerate(batches):
             t0 = time.perf_counter()
             teacher_out = self._teacher(batch)
+            stats = self._teacher_stats()
+            if stats is not None:
+                teacher_stats = stats if teacher_stats is None else teacher_stats + stats
             dist.synchronize()
             t1 = time.perf_counter()
             with self._teacher_head_weight() as teacher_weight:  # gathered (ZeRO-3) only for the loss's forward
@@ -88,6 +92,11 @@ class StepRunner:
 
         step_time = time.perf_counter() - t_step
         scalars: dict[str, Any] = {"loss": totals[0], **{f"train/{k}": v for k, v in zip(names, totals[1:])}}
+        if teacher_stats is not None:  # one all-reduce of a few sums, then the source's own means
+            stat_names, _ = self.teacher.last_stats_vector()
+            from kd.fusion.stats import summary
+
+            scalars.update(summary(dict(zip(stat_names, dist.all_reduce_sum(teacher_stats).tolist()))))
         scalars["lr"] = float(self.engine.get_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
@@ -123,6 +132,13 @@ class StepRunner:
     # ------------------------------------------------------------------ parts of a step
     def _teacher(self, batch: dict[str, torch.Tensor]) -> TeacherOutput:
         return self.teacher(batch, self.path.request) if self.path.needs_teacher else NO_TEACHER
+
+    def _teacher_stats(self) -> Optional[torch.Tensor]:
+        """The sums a source reports about its last call (`last_stats_vector`, e.g. a fusion's a* per expert)."""
+        report = getattr(self.teacher, "last_stats_vector", None)
+        if report is None or not self.path.needs_teacher:
+            return None
+        return report()[1]
 
     def _teacher_head_weight(self) -> ContextManager[Optional[torch.Tensor]]:
         return self.teacher.head_weight() if self.path.teacher_head_in_loss else contextlib.nullcontext()
