@@ -103,8 +103,8 @@ def check_overrides(overrides: list[str]) -> None:
 
 @dataclass
 class RunState:
-    """What a run directory holds: `status` is missing | unfinished | finished | unknown (train.epochs: no known
-    final step); `step` the last logged step; `final` the eval record counted in the table (None if none)."""
+    """What a run directory holds: `status` is missing | unfinished | finished | past_end (logged steps after the
+    final one) | unknown (train.epochs: no known final step); `step` the last logged step; `final` the eval record counted in the table (None if none)."""
     status: str
     step: int = 0
     final: Optional[dict] = None
@@ -125,6 +125,8 @@ def run_state(run_dir: Path, final_step: Optional[int]) -> RunState:
     start = evals.get(0)
     if final_step is None:
         return RunState("unknown", last, evals[max(evals)] if evals else None, start)
+    if last > final_step:  # trained further under another train.max_steps: its step-`final_step` eval had another lr
+        return RunState("past_end", last, None, start)
     if final_step in evals:
         return RunState("finished", last, evals[final_step], start)
     return RunState("unfinished", last, None, start)
@@ -304,6 +306,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for run in runs:
             if states[run].status == "finished":
                 check_identity(run, resolved[run])
+            if states[run].status == "past_end":
+                raise UserError(f"{run.dir} has trained to step {states[run].step}, past the requested final step "
+                                f"{finals[run]} (train.max_steps); use another --out for a shorter comparison")
         if not args.no_train:
             code = train_runs(args, runs, states, finals)
             if code != 0:

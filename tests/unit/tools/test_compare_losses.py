@@ -67,6 +67,8 @@ def test_run_state_finished_unfinished_missing(tool, tmp_path):
     assert (state.status, state.step, state.final["eval/kl"], state.final["step"]) == ("finished", 4, 0.4, 4)
     # the same run asked for 6 steps now (train.max_steps raised): not finished, kd's resume continues it
     assert tool.run_state(done, 6).status == "unfinished"
+    # asked for fewer steps than it trained: its step-2 eval had another lr schedule, not a finished 2-step run
+    assert tool.run_state(done, 2).status == "past_end"
     # train.epochs: no known final step; the table takes the last eval
     state = tool.run_state(cut, None)
     assert (state.status, state.final["step"]) == ("unknown", 2)
@@ -182,7 +184,8 @@ def test_a_finished_run_of_another_recipe_is_an_error(tool, recipe, tmp_path, ca
     assert "finished run of a different recipe (data.seq_len: 32 -> 16)" in err and "\n" not in err
 
 
-@pytest.mark.parametrize("case", ["no_recipe", "no_run", "bad_line", "duplicate", "seed_override", "dup_seed"])
+@pytest.mark.parametrize("case", ["no_recipe", "no_run", "bad_line", "duplicate", "seed_override", "dup_seed",
+                                  "past_end"])
 def test_bad_input_is_one_line_exit_2(tool, recipe, tmp_path, capsys, case):
     losses, extra = ["ce"], []
     if case == "bad_line":
@@ -193,6 +196,8 @@ def test_bad_input_is_one_line_exit_2(tool, recipe, tmp_path, capsys, case):
         extra = ["train.seed=3"]
     elif case == "dup_seed":
         extra = ["--seeds", "1", "1"]
+    elif case == "past_end":
+        _finished(tmp_path / "ce" / "seed_0", 0.5, steps=6)
     args = [str(recipe if case != "no_recipe" else tmp_path / "missing.yaml"), "--out", str(tmp_path), "--no-train",
             "--losses", *losses, *extra]
     assert tool.main(args) == 2
@@ -200,6 +205,8 @@ def test_bad_input_is_one_line_exit_2(tool, recipe, tmp_path, capsys, case):
     assert err.startswith("compare_losses: error:") and "\n" not in err
     if case == "seed_override":
         assert "use --seeds" in err
+    if case == "past_end":
+        assert "trained to step 6, past the requested final step 4" in err
 
 
 @pytest.mark.slow
