@@ -1,4 +1,4 @@
-"""`kd train | validate | eval | export`: parse arguments, then call into the package.
+"""`kd train | validate | eval | generate | export`: parse arguments, then call into the package.
 
 `kd train` validates the recipe, prepares packaged assets once (so ranks never race to download), and then starts the
 real `deepspeed` launcher with launchers/train.py on each rank: the same path a GPU cluster uses.
@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="OUT", help="also write the metrics to this JSON file")
     p.add_argument("--max-batches", type=int, default=None, metavar="N", help="evaluate at most N micro-batches")
     p.add_argument("--split", choices=["eval", "train"], default="eval", help="data split to evaluate on")
+    p = sub.add_parser("generate", help="completions for a JSON-lines file of prompts (student, teacher or a model)")
+    from kd.generation.cli import add_arguments as add_generate_arguments
+
+    add_generate_arguments(p)
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
     p.add_argument("checkpoints")
     p.add_argument("out_dir")
@@ -60,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             run(args.recipe, args.overrides, student=args.student, untrained=args.untrained, json_out=args.json,
                 max_batches=args.max_batches, split=args.split)
             return 0
+        if args.command == "generate":
+            from kd.generation.cli import run as generate
+
+            return generate(args)
         if args.command == "export":
             from kd.export import export
 

@@ -1,0 +1,26 @@
+"""tools/bench_generate.py smoke test: the one-process part (HF generate and kd's loop on one replica) runs on a tiny
+model with every row decoding exactly --new-tokens tokens, and the ratios are the quotients of the rates."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools" / "bench_generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_process_part_and_ratios(capsys):
+    bench = _load()
+    summary = bench.main(["--layers", "1", "--hidden", "32", "--vocab", "64", "--batch", "2", "--prompt-len", "5",
+                          "--new-tokens", "3", "--nproc", "0"])
+    assert summary["hf_replica"] > 0 and summary["kd_replica"] > 0
+    assert summary["kd_replica_vs_hf"] == summary["kd_replica"] / summary["hf_replica"]
+    assert bench.summarize({"zero3_always": 6.0, "zero3_never": 2.0, "hf_replica": 3.0}) == {
+        "zero3_always": 6.0, "zero3_never": 2.0, "hf_replica": 3.0, "gathered_once_vs_layers": 3.0,
+        "gathered_once_vs_hf": 2.0}
