@@ -286,13 +286,13 @@ class Trainer:
         folder = os.path.join(self.run_dir, "sample_ids")
 
         def truncate() -> None:
-            for name in os.listdir(folder):
+            for name in os.listdir(folder) if os.path.isdir(folder) else ():
                 path = os.path.join(folder, name)
                 with open(path) as f:
                     keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
                 atomic_write(path, "".join(keep))
 
-        if self.recipe.run.record_sample_ids and os.path.isdir(folder):
+        if self.recipe.run.record_sample_ids:  # rank 0 looks at the folder: every rank takes the same branch
             dist.run_on_main(truncate)
 
     def _write_run_recipe(self) -> None:

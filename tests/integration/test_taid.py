@@ -40,7 +40,7 @@ class RecordingTAID(TAIDLoss):
             f.write(json.dumps(record) + "\n")
 
     def forward(self, inputs):
-        self._write({"forward_at": inputs.step, "t": self.t})  # inputs.step = optimizer steps completed so far
+        self._write({"forward_at": inputs.step - 1, "t": self.t})  # steps completed so far (inputs.step is 1-based)
         return super().forward(inputs)
 
     def on_step_end(self, step, metrics):
