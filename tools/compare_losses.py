@@ -222,8 +222,13 @@ def _progress(message: str) -> None:
 
 def call_run(cmd: list[str]) -> int:
     """Run one `kd train` to its end. Ctrl-C reaches kd too (same process group), which saves and exits: wait for
-    that instead of killing it mid-save (what subprocess.call would do), then report the interrupt."""
-    proc = subprocess.Popen(cmd)
+    that instead of killing it mid-save (what subprocess.call would do), then report the interrupt. kd's output goes
+    to stderr, so stdout holds only the table (or the JSON)."""
+    try:
+        to_stderr = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        to_stderr = None
+    proc = subprocess.Popen(cmd, stdout=to_stderr)
     interrupted = False
     while True:
         try:

@@ -107,7 +107,7 @@ class _FakeKd:
     def __init__(self, tool, fail: int = 0):
         self.tool, self.fail, self.commands = tool, fail, []
 
-    def __call__(self, cmd):
+    def __call__(self, cmd, **kwargs):
         self.commands.append(cmd)
         args = dict(a.split("=", 1) for a in cmd if "=" in a)
         if not self.fail:
@@ -152,7 +152,7 @@ def test_no_train_prints_what_exists_and_draws_the_figure(tool, recipe, tmp_path
     out = tmp_path / "cmp"
     _finished(out / "ce" / "seed_0", 0.5)
     _write_run(out / "taid" / "seed_0", [_eval(0, 3.0, 1.0), {"step": 1, "loss": 2.0}])
-    monkeypatch.setattr(tool.subprocess, "Popen", lambda cmd: pytest.fail("--no-train trained"))
+    monkeypatch.setattr(tool.subprocess, "Popen", lambda *a, **k: pytest.fail("--no-train trained"))
     png = tmp_path / "fig" / "curves.png"
     assert tool.main([str(recipe), "--losses", "ce", "taid", "forward_kl", "--out", str(out), "--no-train",
                       "--plot", str(png)]) == 0
