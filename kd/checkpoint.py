@@ -112,12 +112,13 @@ def _describe_write_error(e: BaseException) -> str:
 
 
 def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], write_meta: Callable[[str], None],
-         keep_last: int, lineage: Optional[str] = None) -> str:
+         keep_last: int, lineage: Optional[str] = None, rank_state: Optional[dict[str, Any]] = None) -> str:
     """Collective: every rank calls it. Returns the tag written.
 
     Order matters for crash safety: shards (all ranks) -> kd_meta (rank 0) -> agreement -> manifest -> `latest` ->
     pruning. A crash at any point before the manifest leaves a tag that resume recognises as incomplete and skips;
-    `latest` still names the previous complete tag. A failure on any rank, of any kind (disk full inside torch.save
+    `latest` still names the previous complete tag. ``rank_state``: this rank's own state besides its RNGs (e.g. a
+    generation sampler), stored in its kd_rank file and handed back by `load`. A failure on any rank, of any kind (disk full inside torch.save
     is a RuntimeError), is agreed on by all ranks: the partial tag is removed and `CheckpointWriteError` raised
     everywhere with the failing rank's message, so no rank waits forever in a barrier. Pruning removes only complete
     tags of the same `lineage` (the run id kd writes into every tag's meta), never the tag just written.
@@ -147,7 +148,8 @@ def save(engine, ckpt_dir: str, *, step: int, client_state: dict[str, Any], writ
     error = error or guard.error
     if error is None:
         try:
-            torch.save(rng_state(), os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt"))
+            rank_file = os.path.join(tag_dir, f"kd_rank_{dist.rank():05d}.pt")
+            torch.save({**rng_state(), "extra": rank_state or {}}, rank_file)
             _test_save_delay(step)
             if dist.is_main():
                 write_meta(os.path.join(tag_dir, "kd_meta"))
@@ -298,8 +300,9 @@ def move_aside(ckpt_dir: str) -> Optional[str]:
     return target
 
 
-def load(engine, ckpt_dir: str, tag: str, *, rng_dir: str) -> dict[str, Any]:
-    """Collective: restores module, optimizer, scheduler and this rank's RNG; returns the client state.
+def load(engine, ckpt_dir: str, tag: str, *, rng_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Collective: restores module, optimizer, scheduler and this rank's RNG; returns the client state and this
+    rank's `rank_state` as saved (empty for a rank the checkpoint did not have).
 
     `rng_dir` is the original tag directory (a universal copy of the tag has no per-rank files). A rank with no RNG
     file of its own (the world grew) keeps its freshly seeded RNG.
@@ -310,6 +313,9 @@ def load(engine, ckpt_dir: str, tag: str, *, rng_dir: str) -> dict[str, Any]:
     if path is None:
         raise UserError(f"DeepSpeed found no loadable checkpoint at {os.path.join(ckpt_dir, tag)}", key="resume")
     rank_file = os.path.join(rng_dir, f"kd_rank_{dist.rank():05d}.pt")
+    extra: dict[str, Any] = {}
     if os.path.isfile(rank_file):
-        set_rng_state(safe_load(rank_file))
-    return client_state
+        saved = safe_load(rank_file)
+        set_rng_state(saved)
+        extra = saved.get("extra", {})
+    return client_state, extra

@@ -38,6 +38,7 @@ from kd.engine.ds_config import merge, student_config
 from kd.engine.participant import Participant
 from kd.engine.step import LossContractError, StepRunner  # noqa: F401 - LossContractError is re-exported for kd.launch
 from kd.engine.student import DistillationModule, build_engine
+from kd.errors import UserError
 from kd.eval_metrics import SUM_FIELDS, evaluate_batches, finish
 from kd.files import atomic_write
 from kd.losses import LossContext, build_loss
@@ -106,6 +107,8 @@ class Trainer:
         safe_load.install(engine)
         self.student = Participant(role="student", engine=engine, ckpt_dir=self.ckpt_dir)
         self.runner = StepRunner(engine, self.teacher, path)
+        if recipe.on_policy is not None:  # some steps' batches are generated on the engines instead of sampled
+            self.producer = self._on_policy_producer(engine)
         torch.manual_seed(train.seed + 1000 * self.rank)  # dropout etc. differ per rank from here on
         self.step = 0  # optimizer steps completed
         self.nonfinite_in_a_row = 0
@@ -159,12 +162,30 @@ class Trainer:
         self.metrics.close()
         dist.barrier()
 
+    def _on_policy_producer(self, engine):
+        from kd.generation.engines import student_target, teacher_target
+        from kd.generation.on_policy import OnPolicyBatches
+
+        cfg = self.recipe.on_policy
+        if self.tokenizer.eos_token_id is None or self.pad_id is None:
+            raise UserError("on-policy generation needs a tokenizer with an EOS token (it ends completions and is a "
+                            "loss token); this one has none", key="tokenizer" if self.recipe.tokenizer else "teacher.path")
+        if cfg.source == "teacher" and not hasattr(self.teacher, "engine"):
+            raise UserError(f"the teacher {self.teacher.info.name!r} cannot write completions (only a single model "
+                            "can); use on_policy.source: student", key="on_policy.source")
+        target = student_target(engine) if cfg.source == "student" else teacher_target(self.teacher)
+        return OnPolicyBatches(self.producer, cfg, target=target, seed=self.recipe.train.seed,
+                               seq_len=self.recipe.data.seq_len, eos_id=self.tokenizer.eos_token_id,
+                               pad_id=self.pad_id, vocab_size=self.vocab_size)
+
     def _train_step(self) -> dict[str, float]:
         t_step = time.perf_counter()
-        batches, ids = self.producer.next_step()
+        batches, ids = self.producer.next_step(self.step + 1)
         if self.recipe.run.record_sample_ids:
             self._record_sample_ids(ids)
         scalars = self.runner.step(batches, self.step + 1, t_step)
+        if hasattr(self.producer, "step_scalars"):
+            scalars.update(self.producer.step_scalars())
         if scalars.pop("applied"):
             self.nonfinite_in_a_row = 0
         else:
@@ -220,9 +241,10 @@ class Trainer:
             "loss_state": {k: v for k, v in self.loss.state_dict().items() if k.endswith("_extra_state")},
             "skipped_steps": self.nonfinite_total,
         }
+        rank_state = self.producer.rank_state() if hasattr(self.producer, "rank_state") else None
         tag = checkpoint.save(self.student.engine, self.student.ckpt_dir, step=self.step, client_state=client_state,
                               write_meta=self._write_meta, keep_last=self.recipe.checkpoint.keep_last,
-                              lineage=self.lineage)
+                              lineage=self.lineage, rank_state=rank_state)
         self.metrics.print(f"kd: saved checkpoint {os.path.join(self.ckpt_dir, tag)}")
 
     def _write_meta(self, meta_dir: str) -> None:
@@ -247,9 +269,11 @@ class Trainer:
         if plan is None:
             self._truncate_sample_ids(0)
             return 0
-        state = checkpoint.load(self.student.engine, plan.ckpt_dir, plan.tag, rng_dir=plan.source_dir)
+        state, rank_state = checkpoint.load(self.student.engine, plan.ckpt_dir, plan.tag, rng_dir=plan.source_dir)
         self.step = int(state["step"])
         self.producer.load_state_dict(state)
+        if hasattr(self.producer, "load_rank_state"):
+            self.producer.load_rank_state(rank_state)
         self.nonfinite_total = int(state.get("skipped_steps", 0))
         if state.get("loss_state"):
             self.loss.load_state_dict(state["loss_state"], strict=False)

@@ -165,7 +165,7 @@ def summarize(kd_steps: list[dict[str, float]], base_steps: list[dict[str, float
 
 def next_batches(trainer: Any) -> tuple[list[dict[str, torch.Tensor]], float]:
     """This step's micro-batches from the trainer's producer, and their input-token count."""
-    batches, _ = trainer.producer.next_step()
+    batches, _ = trainer.producer.next_step(trainer.step + 1)
     return batches, float(sum(int(b["attention_mask"].sum()) for b in batches))
 
 

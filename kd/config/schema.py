@@ -210,6 +210,21 @@ class CheckpointConfig(Section):
     allow_recipe_change: bool = Field(False, description="Resume even though teacher, student, tokenizer, data or loss differ from the checkpoint's recipe.")
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD, Agarwal et al. 2024) and sequence-level KD (Kim & Rush 2016): on a fraction of the
+    optimizer steps the prompts of the step's chat samples are completed on the engines and the loss runs on those
+    completions."""
+
+    lmbda: float = Field(0.5, ge=0.0, le=1.0, description="Fraction of optimizer steps that are on-policy (TRL's GKD `lmbda`); whether step s is, is decided from train.seed and s, the same on every rank. 1 = every step.")
+    source: Literal["student", "teacher"] = Field("student", description="Who writes the completions: the student (on-policy, GKD) or the teacher (sequence-level KD).")
+    max_new_tokens: int = Field(64, ge=1, description="Completion length limit; a row also stops at EOS (which is a loss token).")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens; 0 = off.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
+    gather: Literal["auto", "always", "never"] = Field("auto", description="ZeRO-3: gather the generating model's parameters once per rollout (always), layer by layer at every forward (never: a model that does not fit whole on one device), or always when it fits (auto).")
+    long_prompts: Literal["truncate", "error"] = Field("truncate", description="A prompt longer than data.seq_len - max_new_tokens: keep its last tokens (counted as onpolicy/truncated_prompts) or stop with an error.")
+
+
 class Recipe(Section):
     run: RunConfig = Field(description="Where the run writes and how it is launched.")
     teacher: TeacherConfig = Field(description="The frozen teacher and its inference-only DeepSpeed engine.")
@@ -222,3 +237,15 @@ class Recipe(Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="DeepSpeed checkpoints.")
     resume: Union[Literal["auto", "never"], str] = Field("auto", description="auto: continue from the newest checkpoint in the run directory if any; never: start fresh; or a checkpoint directory.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config merged into the student engine's config (advanced; e.g. communication settings).")
+    on_policy: Optional[OnPolicyConfig] = Field(None, description="On-policy / sequence-level distillation on generated completions (needs data.kind: chat); unset = every step on the data as it is.")
+
+    @model_validator(mode="after")
+    def _on_policy_fits(self):
+        if self.on_policy is None:
+            return self
+        if self.data.kind != "chat":
+            raise ValueError("on_policy needs prompts to complete: set data.kind: chat (text data has no prompts)")
+        if self.on_policy.max_new_tokens >= self.data.seq_len:
+            raise ValueError(f"on_policy.max_new_tokens ({self.on_policy.max_new_tokens}) leaves no room for a prompt "
+                             f"inside data.seq_len ({self.data.seq_len}); lower it or raise data.seq_len")
+        return self

@@ -16,8 +16,9 @@ from kd.data.sampler import GlobalSampler
 
 
 class BatchProducer(Protocol):
-    def next_step(self) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:
-        """This rank's micro-batches for the next optimizer step (on the device) and the sample ids behind them."""
+    def next_step(self, step: int) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:
+        """This rank's micro-batches for the 1-based optimizer `step` (on the device) and the sample ids behind
+        them. (kd.generation.on_policy.OnPolicyBatches generates some steps' batches instead of sampling them.)"""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -40,7 +41,7 @@ class SampledBatches:
         self.pad_id, self.device = pad_id, device
         self.sample_index = 0
 
-    def next_step(self) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:
+    def next_step(self, step: int = 0) -> tuple[list[dict[str, torch.Tensor]], list[list[int]]]:
         ids = self.sampler.step_indices(self.sample_index, rank=self.rank, world_size=self.world_size,
                                         micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum)
         self.sample_index += self.global_batch
