@@ -45,16 +45,3 @@ class NaNGradientAtSteps(DivergenceLoss):
             inputs.student_logits = _NaNGradient.apply(inputs.student_logits)
         return super().forward(inputs)
 
-
-class TermsChangeAtStep(DivergenceLoss):
-    """Breaks the lockstep contract: from the chosen step on it returns one more logging term."""
-
-    def __init__(self, cfg: LossConfig, step: int):
-        super().__init__("forward_kl", temperature=cfg.temperature)
-        self.change_step = step
-
-    def forward(self, inputs: LossInputs) -> LossOutput:
-        out = super().forward(inputs)
-        if inputs.step >= self.change_step:
-            out.terms = {**out.terms, "surprise": out.loss_sum.detach()}
-        return out

@@ -63,7 +63,7 @@ def test_too_many_nonfinite_steps_stop_the_run(tmp_path):
     assert all(t.isfinite().all() for t in load_student_state_dict(ckpts, "step_00000002").values())
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, pytest.param(2, marks=pytest.mark.slow)])  # DeepSpeed checks at ZeRO-2
 def test_a_nan_gradient_with_a_finite_loss_is_skipped(tmp_path, stage):
     """Issue 10 item 6: DeepSpeed checks gradients at ZeRO-1/2/3 only; at ZeRO-0 kd checks them itself."""
     recipe = _recipe(tmp_path, stage, [2])
@@ -84,14 +84,3 @@ def test_a_nan_gradient_with_a_finite_loss_is_skipped(tmp_path, stage):
         assert (after1[name] == tensor).all(), name  # nothing applied at step 2
     assert any((after3[n] != t).any() for n, t in after2.items())  # step 3 trained again
 
-
-def test_a_loss_whose_terms_change_stops_the_run_with_one_message(tmp_path):
-    """Issue 10 item 8: term names are fixed; a loss that changes them is stopped before the all-reduce of its terms."""
-    recipe = _recipe(tmp_path, 2, [])
-    text = recipe.read_text().replace("tests.helpers.nan_loss.NaNAtSteps", "tests.helpers.nan_loss.TermsChangeAtStep")
-    recipe.write_text(text.replace("steps: []", "step: 2"))
-    result = run_single_process(recipe)
-    assert result.returncode == 3, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("kd: error:")]
-    assert len(errors) == 1 and "returned terms ['kd', 'surprise'] at step 2" in errors[0], result.stderr[-2000:]
-    assert "['kd']" in errors[0] and "Traceback" not in result.stderr

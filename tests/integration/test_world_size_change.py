@@ -23,7 +23,10 @@ def consumed_ids(run_dir):
     return [i for step in sorted(ids) for i in sorted(ids[step])], sorted(ids)
 
 
-@pytest.mark.parametrize("stage, ranks", [(2, [2, 1, 2]), (3, [1, 2, 1])], ids=["zero2-2to1to2", "zero3-1to2to1"])
+# zero2 2->1->2 is the slower pair (three launches of 2, 1, 2 ranks); it runs with -m slow to keep the default suite
+# under its time budget, zero3 1->2->1 covers both directions of the universal conversion by default.
+@pytest.mark.parametrize("stage, ranks", [pytest.param(2, [2, 1, 2], marks=pytest.mark.slow), (3, [1, 2, 1])],
+                         ids=["zero2-2to1to2", "zero3-1to2to1"])
 def test_resume_on_another_world_size(tmp_path, stage, ranks):
     recipe = make_tiny_run(
         tmp_path, student={"init_from_teacher_layers": [0, 2], "zero_stage": stage},
