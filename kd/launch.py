@@ -25,6 +25,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # DeepSpeed's own calls into deprecated torch.distributed names warn once per rank; not the user's business
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+    code, local = _run(args)
+    if not local:
+        # Every rank got here together (success, or an error they agreed on): leave the process group cleanly.
+        # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
+        # exception", exit -6) after the one-line message was printed. A rank that failed alone skips this: its
+        # peers are not there to agree, and the launcher stops them.
+        from kd.engine import dist
+
+        dist.shutdown()
+    return code
+
+
+def _run(args: argparse.Namespace) -> tuple[int, bool]:
+    """(exit code, whether the failure was this rank's alone)."""
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         from kd.checkpoint import CheckpointWriteError
@@ -37,16 +51,17 @@ def main(argv: list[str] | None = None) -> int:
             # the run itself failed (not the input): one line, a distinct exit code, nothing half-written. These are
             # agreed on by every rank (the same error everywhere), so rank 0 alone reports them, unless only this
             # rank knows (`local`); the launcher then stops the others.
-            if os.environ.get("RANK", "0") == "0" or getattr(e, "local", False):
+            local = bool(getattr(e, "local", False))
+            if os.environ.get("RANK", "0") == "0" or local:
                 print(f"kd: error: {e}", file=sys.stderr, flush=True)
-            return EXIT_RUN_FAILED
+            return EXIT_RUN_FAILED, local
     except UserError as e:
         if e.file is None and e.key is not None:
             e.file = args.recipe
         if os.environ.get("RANK", "0") == "0":
             print(e.report(), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    return 0
+        return EXIT_USER_ERROR, False
+    return 0, False
 
 
 if __name__ == "__main__":

@@ -44,6 +44,15 @@ def init() -> None:
         torch.cuda.set_device(device())
 
 
+def shutdown() -> None:
+    """Leave the process group (every rank together). Best effort: the process is about to exit either way."""
+    if is_initialized():
+        try:
+            _dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - nothing useful to report at exit
+            pass
+
+
 def _free_port() -> int:
     import socket
 
