@@ -33,6 +33,15 @@ class ModelSource(Section):
     trust_remote_code: bool = Field(False, description="Allow model code shipped with the checkpoint to run. Off unless you trust the source.")
 
 
+def _inference_source(cfg):
+    """The checks every frozen model on an inference-only engine shares (the teacher, a fusion's small models)."""
+    if cfg.path is None and cfg.config is None:
+        raise ValueError("set `path` (a model directory) or `config` (an inline model config)")
+    if cfg.offload_params and cfg.zero_stage != 3:
+        raise ValueError("offload_params needs zero_stage: 3")
+    return cfg
+
+
 class FusionModelConfig(ModelSource):
     """A small model of a fusion (the small base, an expert): its own inference-only engine, like the teacher's."""
 
@@ -41,11 +50,7 @@ class FusionModelConfig(ModelSource):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.path is None and self.config is None:
-            raise ValueError("set `path` (a model directory) or `config` (an inline model config)")
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage: 3")
-        return self
+        return _inference_source(self)
 
 
 class FusionGridConfig(Section):
@@ -89,11 +94,7 @@ class TeacherConfig(ModelSource):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if self.path is None and self.config is None:
-            raise ValueError("set `path` (a model directory) or `config` (an inline model config)")
-        if self.offload_params and self.zero_stage != 3:
-            raise ValueError("offload_params needs zero_stage: 3")
-        return self
+        return _inference_source(self)
 
 
 class StudentConfig(ModelSource):
