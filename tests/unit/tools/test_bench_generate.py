@@ -2,17 +2,12 @@
 model with every row decoding exactly --new-tokens tokens, and the ratios are the quotients of the rates."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.helpers.tools import load_tool
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_generate", REPO / "tools" / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_generate")
 
 
 def test_one_process_part_and_ratios(capsys):

@@ -2,7 +2,6 @@
 tool recovers a loss's known sleeps end to end on the tiny setup (integration: it starts a process)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,17 +15,12 @@ import torch
 
 from kd.losses.divergence import DivergenceLoss
 
+from tests.helpers.tools import load_tool
+
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("bench_step", REPO / "tools" / "bench_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_tool()
+bench = load_tool("bench_step")
 
 
 class _SleepInBackward(torch.autograd.Function):

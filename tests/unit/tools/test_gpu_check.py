@@ -2,7 +2,6 @@
 the recipes validate and build models of the stated shapes) and the summary table it prints."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,17 +10,12 @@ import pytest
 from kd.config import load_recipe
 from kd.models.vocab import shared_vocab_size
 
+from tests.helpers.tools import load_tool
+
 REPO = Path(__file__).resolve().parents[3]
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "tools" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gpu_check = _load_tool()
+gpu_check = load_tool("gpu_check")
 
 
 def test_tokenizer_has_the_size_asked_for_and_every_word_is_one_token(tmp_path):
