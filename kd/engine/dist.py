@@ -45,9 +45,19 @@ def init() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (every rank together). Best effort: the process is about to exit either way."""
+    """Leave the process group (every rank together). Best effort: the process is about to exit either way.
+
+    The barrier first matters: gloo sends in background threads, so a rank that tears its group down while a peer
+    is still receiving its last broadcast can abort ("terminate called without an active exception", exit -6).
+    Meant for where every rank arrives (success, or an error all ranks agreed on); the wait is bounded all the
+    same, so a rank whose peers never come exits anyway and the launcher stops the rest.
+    """
     if is_initialized():
         try:
+            from datetime import timedelta
+
+            kwargs = {"device_ids": [device().index]} if device().type == "cuda" else {}
+            _dist.barrier(async_op=True, **kwargs).wait(timeout=timedelta(seconds=60))
             _dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - nothing useful to report at exit
             pass
