@@ -77,8 +77,9 @@ class Run:
 
 
 def plan_runs(out_dir: Path, losses: list[str], seeds: list[int]) -> list[Run]:
-    """Every (loss, seed) run, loss-major, each in OUT/<loss>/seed_<s>."""
-    return [Run(loss, seed, out_dir / run_dir_name(loss) / f"seed_{seed}") for loss in losses for seed in seeds]
+    """Every (loss, seed) run, seed-major (a comparison stopped early has every loss at the first seeds), each in
+    OUT/<loss>/seed_<s>."""
+    return [Run(loss, seed, out_dir / run_dir_name(loss) / f"seed_{seed}") for seed in seeds for loss in losses]
 
 
 def run_overrides(run: Run, overrides: list[str]) -> list[str]:

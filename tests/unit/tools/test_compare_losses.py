@@ -75,10 +75,12 @@ def test_run_state_finished_unfinished_missing(tool, tmp_path):
 
 
 def test_table_mean_min_max_over_seeds(tool, tmp_path):
-    runs = tool.plan_runs(tmp_path, ["ce", "taid"], [0, 1])
-    assert [(r.loss, r.seed, r.dir) for r in runs] == [
-        ("ce", 0, tmp_path / "ce" / "seed_0"), ("ce", 1, tmp_path / "ce" / "seed_1"),
-        ("taid", 0, tmp_path / "taid" / "seed_0"), ("taid", 1, tmp_path / "taid" / "seed_1")]
+    planned = tool.plan_runs(tmp_path, ["ce", "taid"], [0, 1])
+    # seed-major: a comparison stopped early has every loss at seed 0
+    assert [(r.loss, r.seed, r.dir) for r in planned] == [
+        ("ce", 0, tmp_path / "ce" / "seed_0"), ("taid", 0, tmp_path / "taid" / "seed_0"),
+        ("ce", 1, tmp_path / "ce" / "seed_1"), ("taid", 1, tmp_path / "taid" / "seed_1")]
+    runs = sorted(planned, key=lambda r: (r.loss, r.seed))
     _finished(runs[0].dir, 0.5, nll=2.0, top1=0.30)
     _finished(runs[1].dir, 0.7, nll=2.5, top1=0.34)
     _finished(runs[2].dir, 0.4, nll=1.8)
@@ -136,9 +138,10 @@ def test_resume_skips_finished_continues_unfinished_starts_missing(tool, recipe,
     progress = [line for line in captured.err.splitlines() if line.startswith("compare_losses: [")]
     assert len(progress) == 6, captured.err  # skipped, skipped, continuing + done, starting + done
     assert progress[0].startswith("compare_losses: [1/4] ce seed 0: finished (eval at step 4), skipped")
-    assert "[3/4] taid seed 0: continuing (last logged step 2), steps 2 -> 4" in progress[2]
+    assert "[2/4] taid seed 0: continuing (last logged step 2), steps 2 -> 4" in progress[1]
+    assert "done in" in progress[2] and "KL 0.3000" in progress[2] and "left for 1 run(s)" in progress[2]
+    assert progress[3].startswith("compare_losses: [3/4] ce seed 1: finished (eval at step 4), skipped")
     assert "[4/4] taid seed 1: starting, steps 0 -> 4" in progress[4]
-    assert "done in" in progress[3] and "KL 0.3000" in progress[3] and "left for 1 run(s)" in progress[3]
     assert "| taid | 4 | 0 1 | " in captured.out and "0.3500 (0.3000–0.4000)" in captured.out
 
     fake.commands.clear()  # everything finished now: the same command trains nothing
@@ -152,7 +155,14 @@ def test_no_train_prints_what_exists_and_draws_the_figure(tool, recipe, tmp_path
     out = tmp_path / "cmp"
     _finished(out / "ce" / "seed_0", 0.5)
     _write_run(out / "taid" / "seed_0", [_eval(0, 3.0, 1.0), {"step": 1, "loss": 2.0}])
-    monkeypatch.setattr(tool.subprocess, "Popen", lambda *a, **k: pytest.fail("--no-train trained"))
+    real_popen = tool.subprocess.Popen
+
+    def popen(cmd, *args, **kwargs):  # matplotlib may run fc-list through the same module on a fresh install
+        if "kd.cli" in cmd:
+            pytest.fail("--no-train trained")
+        return real_popen(cmd, *args, **kwargs)
+
+    monkeypatch.setattr(tool.subprocess, "Popen", popen)
     png = tmp_path / "fig" / "curves.png"
     assert tool.main([str(recipe), "--losses", "ce", "taid", "forward_kl", "--out", str(out), "--no-train",
                       "--plot", str(png)]) == 0
