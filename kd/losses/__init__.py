@@ -5,15 +5,15 @@
     out = loss(LossInputs(student_logits, teacher_logits, labels))
     # out.loss_sum / out.terms are sums; the trainer divides by the global loss-token count of the step
 """
-from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossContext, LossInputs, LossOutput, loss_token_mask,
-                            masked_sum)
+from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossContext, LossInputs, LossOutput, SparseTarget,
+                            loss_token_mask, masked_sum)
 from kd.losses.divergence import CrossEntropyLoss, DivergenceLoss
 from kd.losses.functional import DIVERGENCES, IGNORE_INDEX
 
 
 __all__ = [
     "DIVERGENCES", "IGNORE_INDEX", "CrossEntropyLoss", "DistillationLoss", "DivergenceLoss", "FusedLinearInputs",
-    "LossContext", "LossInputs", "LossOutput", "build_loss", "loss_token_mask", "masked_sum", "valid_names",
+    "LossContext", "LossInputs", "LossOutput", "SparseTarget", "build_loss", "loss_token_mask", "masked_sum", "valid_names",
 ]
 
 

@@ -17,6 +17,22 @@ from kd.losses.functional import IGNORE_INDEX
 
 
 @dataclass
+class SparseTarget:
+    """A stored teacher signal (``kd precompute``): per position the teacher's top-k tokens and the mass left over,
+    already shifted against ``labels`` like the logits.
+
+    The divergences on it run over K + 1 buckets: the k tokens and one tail bucket holding everything else (teacher:
+    ``exp(tail_logprob)``; student: 1 - its mass on the k ids), so no probability is dropped or renormalized away.
+    ``logprobs`` are the teacher's log-softmax at the temperature the store was captured with, which the run's
+    ``loss.temperature`` must equal (checked against the store's manifest before training).
+    """
+
+    ids: Tensor  # [B, L, K] long, token ids < vocab_size; ids of one position are distinct
+    logprobs: Tensor  # [B, L, K] fp32, log p_teacher(ids)
+    tail_logprob: Tensor  # [B, L] fp32, log(1 - sum_k p_k); -inf when the k tokens hold all the mass
+
+
+@dataclass
 class LossInputs:
     """What the trainer hands a loss for one micro-batch.
 
@@ -27,6 +43,8 @@ class LossInputs:
     student_logits: Tensor  # [B, L, V], requires grad
     teacher_logits: Optional[Tensor]  # [B, L, V], no grad; None when the loss sets needs_teacher = False
     labels: Tensor  # [B, L] next-token ids, IGNORE_INDEX (-100) where no loss
+    # a stored top-k teacher (teacher.store) instead of teacher_logits; only for losses with "sparse" in teacher_signals
+    teacher_sparse: Optional[SparseTarget] = None
     student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states: [B, L, H] each,
     # all layers (embeddings first) or those the loss names in student_hidden_layers / teacher_hidden_layers
     teacher_hidden: Optional[tuple[Tensor, ...]] = None
@@ -53,6 +71,7 @@ class FusedLinearInputs:
     teacher_hidden: Optional[Tensor] = None  # [B, L, Ht], no grad
     teacher_weight: Optional[Tensor] = None  # [V'', Ht], no grad
     teacher_logits: Optional[Tensor] = None  # [B, L, V''], no grad
+    teacher_sparse: Optional[SparseTarget] = None  # a stored top-k teacher, as in LossInputs.teacher_sparse
     student_layers: Optional[tuple[Tensor, ...]] = None  # intermediate hidden states, as in LossInputs.student_hidden
     teacher_layers: Optional[tuple[Tensor, ...]] = None
     step: int = 1  # as LossInputs.step
