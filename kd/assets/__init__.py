@@ -1,6 +1,7 @@
 """Packaged assets: `asset:NAME` in a recipe names a model or corpus that kd prepares on first use.
 
-A recipe may say `teacher.path: asset:smollm2-135m-instruct` instead of a local path. `resolve` turns that into a
+A recipe may say `teacher.path: asset:smollm2-135m-instruct` instead of a local path (`asset:NAME/FILE` names
+another file inside the asset, e.g. `asset:alpaca-eval/heldout.jsonl`). `resolve` turns that into a
 local path inside the cache (``$KD_CACHE``, else ``$XDG_CACHE_HOME/kd``, else ``~/.cache/kd``), building the asset the
 first time from a pinned package on a public registry. Later calls only check that the directory exists.
 
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kd.assets.builders import build_kjv_bible, build_smollm2
-from kd.assets.sources import PyPIWheel, Source
+from kd.assets.builders import build_alpaca_eval, build_kjv_bible, build_smollm2
+from kd.assets.sources import PyPISdist, PyPIWheel, Source
 from kd.errors import UserError
 
 PREFIX = "asset:"
@@ -73,6 +74,14 @@ ASSETS: dict[str, Asset] = {
             build=build_kjv_bible,
             result="kjv.jsonl",
         ),
+        Asset(
+            name="alpaca-eval",
+            summary="AlpacaEval's 805 instructions with reference answers (alpaca-eval 0.6.6 sdist, example/outputs.json; "
+                    "code Apache-2.0, data CC BY-NC 4.0) as kd chat jsonl: train.jsonl (~90%) and heldout.jsonl (~10%).",
+            source=PyPISdist("alpaca-eval", "0.6.6"),
+            build=build_alpaca_eval,
+            result="train.jsonl",
+        ),
     )
 }
 
@@ -101,7 +110,7 @@ def resolve(path: str, *, key: str | None = None) -> str:
     with `~` expanded. `key` is the recipe key the path came from, used in error messages."""
     if not is_asset(path):
         return os.path.expanduser(path)
-    name = path[len(PREFIX):]
+    name, _, inner = path[len(PREFIX):].partition("/")  # asset:NAME/FILE names another file of the asset
     if name not in ASSETS:
         raise UserError(f"unknown asset {name!r}; known assets: {', '.join(known_assets())}", key=key)
     asset = ASSETS[name]
@@ -111,6 +120,11 @@ def resolve(path: str, *, key: str | None = None) -> str:
         if err.key is None:
             err.key = key
         raise
+    if inner:
+        if not (root / inner).exists():
+            held = ", ".join(sorted(p.name for p in root.iterdir() if not p.name.startswith(".")))
+            raise UserError(f"asset {name} has no {inner!r}; it holds: {held}", key=key)
+        return str(root / inner)
     return str(root / asset.result) if asset.result else str(root)
 
 

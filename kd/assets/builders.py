@@ -131,3 +131,51 @@ def build_kjv_bible(raw: Path, out: Path, log: Log) -> None:
         for doc in docs:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
     log(f"wrote {len(docs)} chapters ({n_verses} verses, {sum(len(d['text']) for d in docs) / 1e6:.1f} MB of text)")
+
+
+# --- AlpacaEval instructions with reference answers ---------------------------------------------------------------
+# alpaca-eval's source archive ships example/outputs.json: the 805 AlpacaEval instructions (drawn from self-instruct,
+# OpenAssistant, Koala, Anthropic helpful-base and Vicuna) with one answer each, as {instruction, output, generator,
+# dataset, datasplit}. The package's code is Apache-2.0; its README marks the data CC BY-NC 4.0 (non-commercial).
+ALPACA_EVAL_FILE = "outputs.json"
+ALPACA_EVAL_COUNT = 805
+HELDOUT_BUCKETS = 10  # an instruction is held out when its hash falls in bucket 0 of 10 (about 10%)
+
+
+def is_heldout(instruction: str) -> bool:
+    """The split rule: a function of the instruction text alone, so it does not depend on the file's order."""
+    import hashlib
+
+    return int(hashlib.sha256(instruction.encode("utf-8")).hexdigest(), 16) % HELDOUT_BUCKETS == 0
+
+
+def alpaca_eval_chats(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """AlpacaEval records -> (train, heldout) chat samples {"messages": [user, assistant], "source", "id"}, in file
+    order. Raises RuntimeError on a record without a non-empty instruction and answer, or on a repeated instruction
+    (it would put one prompt on both sides of the split)."""
+    train, heldout, seen = [], [], set()
+    for i, rec in enumerate(records):
+        instruction, answer = rec.get("instruction"), rec.get("output")
+        if not (isinstance(instruction, str) and instruction.strip() and isinstance(answer, str) and answer.strip()):
+            raise RuntimeError(f"AlpacaEval record {i} lacks a non-empty instruction or output: {str(rec)[:80]}")
+        if instruction in seen:
+            raise RuntimeError(f"AlpacaEval record {i} repeats an earlier instruction: {instruction[:60]!r}")
+        seen.add(instruction)
+        sample = {"messages": [{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}],
+                  "source": str(rec.get("dataset", "")), "id": i}
+        (heldout if is_heldout(instruction) else train).append(sample)
+    return train, heldout
+
+
+def build_alpaca_eval(raw: Path, out: Path, log: Log) -> None:
+    """Write train.jsonl and heldout.jsonl (kd chat jsonl: one {"messages": [...]} conversation per line)."""
+    path = _find_one(raw, ALPACA_EVAL_FILE)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    if len(records) != ALPACA_EVAL_COUNT:
+        raise RuntimeError(f"{path.name} holds {len(records)} records, expected {ALPACA_EVAL_COUNT}")
+    train, heldout = alpaca_eval_chats(records)
+    for name, samples in (("train.jsonl", train), ("heldout.jsonl", heldout)):
+        with open(out / name, "w", encoding="utf-8") as f:
+            for sample in samples:
+                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+    log(f"wrote {len(train)} training and {len(heldout)} held-out conversations")

