@@ -1,4 +1,4 @@
-"""`kd train | validate | eval | generate | export`: parse arguments, then call into the package.
+"""`kd train | validate | eval | generate | fuse-generate | export`: parse arguments, then call into the package.
 
 `kd train` validates the recipe, prepares packaged assets once (so ranks never race to download), and then starts the
 real `deepspeed` launcher with launchers/train.py on each rank: the same path a GPU cluster uses.
@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from kd.generation.cli import add_arguments as add_generate_arguments
 
     add_generate_arguments(p)
+    p = sub.add_parser("fuse-generate", help="completions of a recipe's fusion (teacher.fusion): a* solved per step")
+    from kd.fusion.generate import add_arguments as add_fuse_generate_arguments
+
+    add_fuse_generate_arguments(p)
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
     p.add_argument("checkpoints")
     p.add_argument("out_dir")
@@ -68,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from kd.generation.cli import run as generate
 
             return generate(args)
+        if args.command == "fuse-generate":
+            from kd.fusion.generate import run as fuse_generate
+
+            return fuse_generate(args)
         if args.command == "export":
             from kd.export import export
 
