@@ -118,8 +118,12 @@ def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, te
         return forward_kl(student_logits, teacher_logits, temperature=temperature)
     if beta == 1.0:
         return reverse_kl(student_logits, teacher_logits, temperature=temperature)
-    log_p = _log_probs(teacher_logits.detach(), temperature)
-    log_q = _log_probs(student_logits, temperature)
+    return _jsd_from_log_probs(_log_probs(teacher_logits.detach(), temperature),
+                               _log_probs(student_logits, temperature), beta)
+
+
+def _jsd_from_log_probs(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """`jsd` inside 0 < beta < 1 from log-probabilities (its docstring has the logaddexp forms used here)."""
     x = log_p - log_q  # -inf where the teacher masks an entry (the student's log-probabilities are finite)
     log_b, log_1mb = math.log(beta), math.log1p(-beta)
     d = torch.logaddexp(torch.full_like(x, log_1mb), x + log_b)
@@ -228,3 +232,135 @@ DIVERGENCES: dict[str, Divergence] = {
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sparse targets: a stored top-k teacher (kd.losses.base.SparseTarget) instead of teacher logits.
+#
+# The divergences run over K + 1 buckets: the k stored tokens and one tail bucket holding the rest of the vocabulary.
+#
+#     log p_b = target_logprobs[k] (b = k < K),   tail_logprob (b = K)       teacher, as stored (not renormalized)
+#     log q_b = s_{id_k} - lse(s),                lse(s_rest) - lse(s)       student, s = z_s / T
+#
+# where s_rest are the student's logits off the k ids: its tail mass 1 - sum_k q_k comes from a logsumexp over the
+# entries it holds, never from log(1 - sum), which cancels catastrophically when the top-k holds nearly everything.
+# With tail="renormalize" both sides are renormalized over the k ids and the tail is ignored (axolotl's behaviour):
+# log p_k - logsumexp_k(log p), s_{id_k} - logsumexp_k(s_{id_k}). With K = V (every id stored, tail -inf) both modes
+# are the dense divergence of the same logits.
+
+SPARSE_TAILS = ("bucket", "renormalize")
+
+# Stand-in for the log-mass of a bucket that is empty on both sides (the tail when K = V). exp(-1e4) is exactly 0 in
+# fp32, so its terms are exact 0s as with -inf, while the mixtures of jsd and the skew KLs (log m of two zero masses,
+# log p - log q of two -inf) stay finite and so do their gradients. A bucket empty on one side only keeps its -inf,
+# as in the dense formulas (reverse KL to a teacher with p_b = 0 < q_b is +inf).
+_EMPTY_LOG_MASS = -1e4
+
+
+def _logsumexp_or_ninf(x: Tensor) -> Tensor:
+    """logsumexp over the last dim that is -inf, with a zero (not NaN) gradient, when every entry is -inf."""
+    shift = x.detach().amax(dim=-1, keepdim=True)
+    shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+    total = (x - shift).exp().sum(dim=-1)
+    held = total > 0
+    return torch.where(held, torch.log(torch.where(held, total, torch.ones_like(total))) + shift.squeeze(-1),
+                       torch.full_like(total, float("-inf")))
+
+
+def _no_empty(log_q: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Both log-masses of buckets empty on both sides replaced by `_EMPTY_LOG_MASS`."""
+    empty = (log_q == float("-inf")) & (log_p == float("-inf"))
+    floor = torch.full_like(log_q, _EMPTY_LOG_MASS)
+    return torch.where(empty, floor, log_q), torch.where(empty, floor, log_p)
+
+
+def sparse_buckets(student_logits: Tensor, target_ids: Tensor, target_logprobs: Tensor, tail_logprob: Tensor, *,
+                   temperature: float = 1.0, tail: str = "bucket") -> tuple[Tensor, Tensor]:
+    """(log q, log p) of the buckets, fp32 ``[..., K + 1]`` (tail last; ``[..., K]`` with tail="renormalize").
+
+    ``student_logits [..., V]`` (any float dtype, with grad), ``target_ids [..., K]`` (distinct ids of one position, any
+    order), ``target_logprobs [..., K]`` and ``tail_logprob [...]`` (teacher log-probabilities at the store's
+    temperature, detached here). Entries may be -inf (an empty tail).
+    """
+    if tail not in SPARSE_TAILS:
+        raise ValueError(f"tail must be one of {', '.join(SPARSE_TAILS)}, got {tail!r}")
+    s = student_logits.float() / temperature
+    s_top = s.gather(-1, target_ids)
+    log_p = target_logprobs.detach().float()
+    if tail == "renormalize":
+        return torch.log_softmax(s_top, dim=-1), torch.log_softmax(log_p, dim=-1)
+    lse_rest = _logsumexp_or_ninf(s.scatter(-1, target_ids, float("-inf")))
+    # lse over the whole row from its two parts: a sum of positive terms, no cancellation
+    lse = torch.logaddexp(lse_rest, torch.logsumexp(s_top, dim=-1))
+    log_q = torch.cat([s_top - lse.unsqueeze(-1), (lse_rest - lse).unsqueeze(-1)], dim=-1)
+    return log_q, torch.cat([log_p, tail_logprob.detach().float().unsqueeze(-1)], dim=-1)
+
+
+def _bucket_divergence(divergence: str, log_q: Tensor, log_p: Tensor, beta: float, alpha: float) -> Tensor:
+    """The dense formulas of this module applied to bucket log-probabilities (`_EMPTY_LOG_MASS`: `_no_empty`)."""
+    log_q, log_p = _no_empty(log_q, log_p)
+    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
+        return _kl_from_log_probs(log_p, log_q)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
+        return _kl_from_log_probs(log_q, log_p)
+    if divergence == "jsd":
+        return _jsd_from_log_probs(log_p, log_q, beta)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+    if divergence == "skew_kl":
+        value = _kl_from_log_probs(log_p, _log_mixture(log_p, log_q, alpha))
+        return _attached_to_student(value, log_q) if alpha >= 1.0 else value
+    if divergence == "skew_reverse_kl":
+        return _kl_from_log_probs(log_q, _log_mixture(log_q, log_p, alpha))
+    raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
+
+
+def sparse_divergence(student_logits: Tensor, target_ids: Tensor, target_logprobs: Tensor, tail_logprob: Tensor, *,
+                      divergence: str, temperature: float = 1.0, tail: str = "bucket", beta: float = 0.5,
+                      alpha: float = 0.1) -> Tensor:
+    """A divergence of `DIVERGENCES` between the student and a stored top-k teacher, one value per position ``[...]``.
+
+    The same formula as the dense function of that name (same conventions: fp32, teacher detached, no T^2,
+    0 log 0 = 0), over the K + 1 buckets of `sparse_buckets` (the K ids renormalized with tail="renormalize").
+    The student's logits are divided by ``temperature``; the stored log-probs are already at the store's.
+    With K = V it equals the dense divergence of the same logits. ``beta``: jsd; ``alpha``: the skew KLs.
+    """
+    if not (0.0 <= beta <= 1.0 and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"beta and alpha must be in [0, 1], got beta={beta}, alpha={alpha}")
+    log_q, log_p = sparse_buckets(student_logits, target_ids, target_logprobs, tail_logprob,
+                                  temperature=temperature, tail=tail)
+    return _bucket_divergence(divergence, log_q, log_p, beta, alpha)
+
+
+def sparse_taid_log_target(log_q: Tensor, log_p: Tensor, t: float) -> Tensor:
+    """TAID's target over the buckets (see `sparse_taid_kl`), fp32 log-probabilities, detached."""
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"taid: t must be in [0, 1], got {t}")
+    log_q, log_p = log_q.detach(), log_p.detach()
+    if t <= 0.0:
+        mixed = log_q
+    elif t >= 1.0:
+        mixed = log_p
+    else:  # an empty bucket on either side stays empty: (1 - t) * (-inf) + t * x is -inf for 0 < t < 1
+        empty = (log_q == float("-inf")) | (log_p == float("-inf"))
+        mixed = torch.where(empty, torch.full_like(log_q, float("-inf")), (1.0 - t) * log_q + t * log_p)
+    return torch.log_softmax(mixed, dim=-1)
+
+
+def sparse_taid_kl(student_logits: Tensor, target_ids: Tensor, target_logprobs: Tensor, tail_logprob: Tensor,
+                   t: float, *, temperature: float = 1.0, tail: str = "bucket") -> Tensor:
+    """TAID on a stored top-k teacher: KL(p_t || q) over the buckets of `sparse_buckets`, one value per position.
+
+    Definition (the dense TAID interpolates logits, which a store does not have; the buckets' log-masses stand in):
+
+        p_t,b = softmax_b((1 - t) * stopgrad(log q_b) + t * log p_b)       b over the K + 1 buckets
+
+    with log q_b the student's bucket log-masses at temperature T and log p_b the stored ones. A bucket that is
+    empty (-inf) on either side is empty in p_t for 0 < t < 1 (the limit of the mix); t = 0 is the student's own
+    buckets (loss 0), t = 1 the teacher's. Since log q_k = z_s,k / T - lse and log p_k = z_t,k / T - lse_t differ from
+    the logits only by per-position constants, which the softmax removes, with K = V this is exactly the dense
+    `taid_target`, and the loss `taid_kl`. The gradient w.r.t. the student's bucket logits is q_b - p_t,b.
+    """
+    log_q, log_p = sparse_buckets(student_logits, target_ids, target_logprobs, tail_logprob,
+                                  temperature=temperature, tail=tail)
+    return _kl_from_log_probs(sparse_taid_log_target(log_q, log_p, t), log_q)
