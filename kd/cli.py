@@ -45,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     from kd.fusion.generate import add_arguments as add_fuse_generate_arguments
 
     add_fuse_generate_arguments(p)
+    p = sub.add_parser("precompute", help="run the teacher once and store its top-k signal (train from it with "
+                       "teacher.store)")
+    from kd.store.precompute import add_arguments as add_precompute_arguments
+
+    add_precompute_arguments(p)
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
     p.add_argument("checkpoints")
     p.add_argument("out_dir")
@@ -76,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             from kd.fusion.generate import run as fuse_generate
 
             return fuse_generate(args)
+        if args.command == "precompute":
+            from kd.store.precompute import run as precompute
+
+            return precompute(args)
         if args.command == "export":
             from kd.export import export
 

@@ -83,6 +83,35 @@ def batch_sums(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *
     return sums
 
 
+def sparse_batch_sums(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail: Tensor, label_logprob: Tensor,
+                      labels: Tensor) -> Tensor:
+    """`batch_sums` against a stored top-k teacher (kd.teachers.store), shifted [B, L, K] / [B, L] like the logits.
+
+    The student's NLL is exact; the teacher's NLL is its stored log-prob of each label; KL(teacher || student) is
+    taken over the k + 1 buckets (the k ids and the tail), which by the data-processing inequality is at most the
+    full-vocabulary KL (`kd eval` runs the real teacher for that); top-1 agreement compares with the stored top-1.
+    """
+    sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=student_logits.device)
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    for b in range(student_logits.shape[0]):  # one sample of [L, V] fp32 at a time
+        mask = labels[b] != IGNORE_INDEX
+        log_q = torch.log_softmax(student_logits[b].float(), dim=-1)
+        log_q_k = log_q.gather(-1, ids[b])
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids[b], float("-inf")), dim=-1)
+        log_p = torch.cat([logprobs[b].float(), tail[b, :, None].float()], dim=-1)
+        p = log_p.exp()
+        ratio = torch.where(p > 0, log_p - torch.cat([log_q_k, log_q_tail[:, None]], dim=-1), torch.zeros_like(p))
+        teacher_top1 = ids[b].gather(-1, logprobs[b].argmax(-1, keepdim=True)).squeeze(-1)
+        sums += torch.stack([
+            torch.where(mask, -log_q.gather(-1, labels[b].clamp_min(0)[:, None]).squeeze(-1), zero).sum(dtype=torch.float64),
+            torch.where(mask, -label_logprob[b].float(), zero).sum(dtype=torch.float64),
+            torch.where(mask, (p * ratio).sum(-1), zero).sum(dtype=torch.float64),
+            ((log_q.argmax(-1) == teacher_top1) & mask).sum(dtype=torch.float64),
+            mask.sum(dtype=torch.float64),
+        ])
+    return sums
+
+
 def finish(sums: Tensor) -> dict[str, float]:
     """The named scalars (as the trainer logs them) from `batch_sums` totals, already summed over batches and ranks.
 
@@ -118,8 +147,14 @@ def evaluate_batches(batches: Iterable[dict[str, Tensor]], *, student: Callable[
     """
     with torch.no_grad():
         for batch in batches:
-            part = batch_sums(shift(student(batch), vocab_size), shift(teacher(batch), vocab_size),
-                              batch["labels"][:, 1:])
+            teacher_out = teacher(batch)
+            if isinstance(teacher_out, torch.Tensor):
+                part = batch_sums(shift(student(batch), vocab_size), shift(teacher_out, vocab_size),
+                                  batch["labels"][:, 1:])
+            else:  # a sparse teacher (kd.teachers.store)
+                part = sparse_batch_sums(shift(student(batch), vocab_size), shift(teacher_out.topk_ids),
+                                         shift(teacher_out.topk_logprobs), shift(teacher_out.tail_logprob),
+                                         shift(teacher_out.label_logprob), batch["labels"][:, 1:])
             sums = part if sums is None else sums + part
     if sums is None:  # no batch and no `sums`: nothing tells the device
         sums = torch.zeros(len(SUM_FIELDS), dtype=torch.float64)

@@ -47,6 +47,7 @@ from kd.models import load_student
 from kd.preflight import check_compatible, check_student_tokenizer, load_recipe_tokenizer
 from kd.resume import plan_resume
 from kd.teachers import build_teacher_source
+from kd.teachers.base import TeacherRequest
 
 PHASE = "distill"  # the one phase of classic distillation, named in every checkpoint's client state
 
@@ -63,7 +64,11 @@ class Trainer:
         torch.manual_seed(train.seed)  # same init on every rank
 
         self.tokenizer = load_recipe_tokenizer(recipe)
-        self.teacher = build_teacher_source(recipe, device=self.device, resolve_path=resolve)
+        with dist.main_process_first():  # rank 0 tokenizes into the datasets cache, the others read it
+            self.train_ds, self.eval_ds = build_datasets(data, self.tokenizer, seed=train.seed, resolve_path=resolve)
+        # (a teacher store is checked against and addressed by the tokenized samples, hence the data comes first)
+        self.teacher = build_teacher_source(recipe, device=self.device, resolve_path=resolve, tokenizer=self.tokenizer,
+                                            splits={"train": self.train_ds, "eval": self.eval_ds})
         teacher = self.teacher.info
         student_ds = student_config(train, recipe.student, world_size=self.world, extra=recipe.deepspeed)
         student_model = load_student(
@@ -72,9 +77,6 @@ class Trainer:
         )
         self.vocab_size = check_compatible(self.tokenizer, teacher.config, student_model.config, data.seq_len)
         check_student_tokenizer(recipe, self.tokenizer)
-
-        with dist.main_process_first():  # rank 0 tokenizes into the datasets cache, the others read it
-            self.train_ds, self.eval_ds = build_datasets(data, self.tokenizer, seed=train.seed, resolve_path=resolve)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.producer = SampledBatches(
             self.train_ds, seed=train.seed, shuffle=data.shuffle, rank=self.rank, world_size=self.world,
@@ -176,7 +178,7 @@ class Trainer:
         target = student_target(engine) if cfg.source == "student" else teacher_target(self.teacher)
         return OnPolicyBatches(self.producer, cfg, target=target, seed=self.recipe.train.seed,
                                seq_len=self.recipe.data.seq_len, eos_id=self.tokenizer.eos_token_id,
-                               pad_id=self.pad_id, vocab_size=self.vocab_size)
+                               pad_id=self.pad_id, vocab_size=self.vocab_size, decode=self.tokenizer.decode)
 
     def _train_step(self) -> dict[str, float]:
         t_step = time.perf_counter()
@@ -186,6 +188,8 @@ class Trainer:
         scalars = self.runner.step(batches, self.step + 1, t_step)
         if hasattr(self.producer, "step_scalars"):
             scalars.update(self.producer.step_scalars())
+        if hasattr(self.producer, "step_samples"):  # generated pairs for people to read (on_policy.sample_interval)
+            self.metrics.log_samples(self.step + 1, self.producer.step_samples())
         if scalars.pop("applied"):
             self.nonfinite_in_a_row = 0
         else:
@@ -221,13 +225,20 @@ class Trainer:
         # logits stay in the model dtype: the metric sums upcast one bounded block of rows at a time
         sums = evaluate_batches(
             batches, vocab_size=self.vocab_size, sums=torch.zeros(len(SUM_FIELDS), dtype=torch.float64, device=self.device),
-            teacher=lambda b: self.teacher(b).logits,
+            teacher=self._eval_teacher,
             student=lambda b: student(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                       use_cache=False).logits)
         student.train()
         scalars = finish(dist.all_reduce_sum(sums))
         self.metrics.log_eval(self.step, scalars)
         return scalars
+
+    def _eval_teacher(self, batch: dict[str, torch.Tensor]):
+        """Dense logits, or a store's sparse output (kd.eval_metrics takes either)."""
+        signals = self.teacher.info.signals
+        if "dense" in signals:
+            return self.teacher(batch).logits
+        return self.teacher(batch, TeacherRequest(signal="sparse"))
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self) -> None:

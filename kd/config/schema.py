@@ -91,6 +91,7 @@ class TeacherConfig(ModelSource):
     zero_stage: Literal[0, 3] = Field(3, description="3 = parameters sharded across all ranks (teachers larger than one GPU); 0 = a full replica per rank.")
     offload_params: bool = Field(False, description="With zero_stage 3, keep the teacher's parameter shards in CPU memory.")
     fusion: Optional[FusionConfig] = Field(None, description="Dynamic logit fusion: this model is the large base, steered per position by small experts (README \"Dynamic logit fusion\"); unset = one teacher.")
+    store: Optional[str] = Field(None, description="Train from a teacher store written by `kd precompute` (top-k log-probs per token) instead of running this model; the section still names the teacher the store was computed from (tokenizer, config, init_from_teacher_layers). README \"Offline teacher\".")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -224,6 +225,54 @@ class OnPolicyConfig(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; 1 = off.")
     gather: Literal["auto", "always", "never"] = Field("auto", description="ZeRO-3: gather the generating model's parameters once per rollout (always), layer by layer at every forward (never: a model that does not fit whole on one device), or always when it fits (auto).")
     long_prompts: Literal["truncate", "error"] = Field("truncate", description="A prompt longer than data.seq_len - max_new_tokens: keep its last tokens (counted as onpolicy/truncated_prompts) or stop with an error.")
+    sample_interval: int = Field(50, ge=0, description="Every N optimizer steps, the first generated step writes rank 0's first sample_count prompt/completion pairs to samples.jsonl in the run directory and to TensorBoard as text; 0 = off.")
+    sample_count: int = Field(2, ge=1, description="Prompt/completion pairs written per sample step (at most rank 0's rows of the step).")
+
+
+class CompeteJudgeConfig(Section):
+    name: str = Field("likelihood", description="likelihood: mean log-prob per token of each answer under the judge model (works at any scale); prompted: the judge model scores both answers 1-10 in both orders (Lion's referee); or a dotted path `pkg.module.Class`.")
+    model: Optional[ModelSource] = Field(None, description="The judge model, a full replica on every rank; unset = the teacher. The likelihood judge needs the recipe's tokenizer.")
+    threshold: float = Field(1.0, description="An instruction is hard when teacher score - student score >= threshold (in the judge's units: points on 1-10, or nats per token); must lie inside the judge's scale.")
+    retries: int = Field(2, ge=0, description="prompted: re-asks for a reply whose closing score lines do not parse (then the pair is counted and left out).")
+    temperature: float = Field(0.0, ge=0.0, description="prompted: sampling temperature of the first reply (0 = greedy).")
+    retry_temperature: float = Field(0.7, gt=0.0, description="prompted: sampling temperature of the retries.")
+    max_new_tokens: int = Field(256, ge=1, description="prompted: length limit of the judge's reply.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Extra settings a custom (dotted-path) judge reads from its section.")
+
+    @model_validator(mode="after")
+    def _threshold_in_scale(self):
+        spans = {"prompted": 9.0, "likelihood": float("inf")}  # high - low of the built-in judges' scales
+        if self.name in spans and not 0 < self.threshold <= spans[self.name]:
+            raise ValueError(f"threshold {self.threshold} is outside the {self.name} judge's scale: a score gap must be "
+                             f"> 0 and <= {spans[self.name]:g}")
+        return self
+
+
+class CompeteAugmentConfig(Section):
+    hard: int = Field(8, ge=0, description="New instructions asked for per round from hard seeds (same domain, task type, length, difficulty).")
+    easy: int = Field(8, ge=0, description="New instructions asked for per round from easy seeds (same domain, rarer topic).")
+    max_new_tokens: int = Field(64, ge=1, description="Length limit of a generated instruction; one cut off by it is dropped.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of the augmentor.")
+    min_words: int = Field(3, ge=1, description="A candidate with fewer words is dropped (too_short).")
+    restate_threshold: float = Field(0.8, gt=0.0, le=1.0, description="A candidate whose words are at least this fraction a subsequence of the augmentor's prompt is dropped (restates_prompt).")
+    rouge_threshold: float = Field(0.7, gt=0.0, le=1.0, description="A candidate with ROUGE-L F above this against the pool or a kept candidate is dropped (near_duplicate; Lion: 0.7).")
+
+
+class CompeteConfig(Section):
+    """Competitive distillation (`kd compete RECIPE`, README "Competitive distillation"): data.train holds the seed
+    instructions, data.eval the fixed held-out set that never enters the pool."""
+
+    rounds: int = Field(ge=1, description="Rounds of imitation -> discrimination -> generation.")
+    imitation_steps: int = Field(ge=1, description="Optimizer steps of student training on the pool per round (train.* sets the batch and optimizer).")
+    min_pool: int = Field(4, ge=1, description="Fewest distinct seed instructions a run starts with.")
+    max_seed_instructions: Optional[int] = Field(None, ge=1, description="Use only the first N distinct seed instructions of data.train.")
+    judge_max: Optional[int] = Field(None, ge=1, description="Judge at most N pool instructions per round (a seeded sample); unset = the whole pool.")
+    answer_max_new_tokens: int = Field(128, ge=1, description="Length limit of teacher and student answers.")
+    answer_temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of the answers (0 = greedy).")
+    batch_size: int = Field(8, ge=1, description="Prompts per rollout on each rank.")
+    chunk: int = Field(32, ge=1, description="Items (answers, judgements, candidates) between two saves of the round state: a killed run redoes at most this many.")
+    judge: CompeteJudgeConfig = Field(default_factory=CompeteJudgeConfig, description="The assessor of the discrimination phase.")
+    augment: CompeteAugmentConfig = Field(default_factory=CompeteAugmentConfig, description="The generation phase: new instructions from hard and easy seeds.")
 
 
 class Recipe(Section):
@@ -239,11 +288,24 @@ class Recipe(Section):
     resume: Union[Literal["auto", "never"], str] = Field("auto", description="auto: continue from the newest checkpoint in the run directory if any; never: start fresh; or a checkpoint directory.")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config merged into the student engine's config (advanced; e.g. communication settings).")
     on_policy: Optional[OnPolicyConfig] = Field(None, description="On-policy / sequence-level distillation on generated completions (needs data.kind: chat); unset = every step on the data as it is.")
+    compete: Optional[CompeteConfig] = Field(None, description="Competitive distillation rounds, run by `kd compete RECIPE` (needs data.kind: chat and data.eval); unset = not a compete recipe.")
+
+    @model_validator(mode="after")
+    def _compete_data(self):
+        if self.compete is not None:
+            if self.data.kind != "chat":
+                raise ValueError("compete needs instructions: set data.kind: chat (data.train holds the seed instructions)")
+            if self.data.eval is None:
+                raise ValueError("compete needs data.eval: a fixed held-out chat set that never enters the pool")
+        return self
 
     @model_validator(mode="after")
     def _on_policy_fits(self):
         if self.on_policy is None:
             return self
+        if self.teacher.store is not None:
+            raise ValueError("on_policy scores generated completions with the teacher, which a teacher.store cannot "
+                             "do (it holds the teacher's signal for the stored samples only); unset one of them")
         if self.data.kind != "chat":
             raise ValueError("on_policy needs prompts to complete: set data.kind: chat (text data has no prompts)")
         if self.on_policy.max_new_tokens >= self.data.seq_len:

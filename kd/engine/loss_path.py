@@ -35,7 +35,8 @@ def decide(loss: DistillationLoss, *, fused_linear: bool, teacher: TeacherInfo) 
                         f"but the teacher {teacher.name!r} produces {'/'.join(teacher.signals)}; pick a loss or a "
                         "teacher source that fit", key="loss.name")
     head_in_loss = fused_linear and loss.needs_teacher and teacher.has_linear_head and "hidden" in teacher.signals
-    request = TeacherRequest(signal="hidden" if head_in_loss else "dense", hidden=loss.needs_hidden_states,
-                             hidden_layers=loss.teacher_hidden_layers)
+    # a source that has no dense logits (a teacher store) is asked for what it has
+    signal = "hidden" if head_in_loss else "dense" if "dense" in teacher.signals else "sparse"
+    request = TeacherRequest(signal=signal, hidden=loss.needs_hidden_states, hidden_layers=loss.teacher_hidden_layers)
     return LossPath(fused_linear=fused_linear, teacher_head_in_loss=head_in_loss, request=request,
                     needs_teacher=loss.needs_teacher)

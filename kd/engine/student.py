@@ -12,7 +12,7 @@ from typing import Any, Optional
 import torch
 
 from kd.labels import shift
-from kd.losses.base import DistillationLoss, FusedLinearInputs, LossInputs, LossOutput
+from kd.losses.base import DistillationLoss, FusedLinearInputs, LossInputs, LossOutput, SparseTarget
 from kd.models.heads import LINEAR_HEAD_MODEL_TYPES, has_linear_head
 from kd.teachers.base import TeacherOutput
 
@@ -67,6 +67,7 @@ class DistillationModule(torch.nn.Module):
                 student_logits=shift(out.logits, self.vocab_size),
                 teacher_logits=shift(teacher.logits, self.vocab_size),
                 labels=batch["labels"][:, 1:],
+                teacher_sparse=sparse_target(teacher),
                 student_hidden=self._selected(out.hidden_states) if want else None,
                 teacher_hidden=_shift_all(teacher.hidden_states),
                 step=step,
@@ -92,6 +93,7 @@ class DistillationModule(torch.nn.Module):
             labels=batch["labels"][:, 1:],
             vocab_size=self.vocab_size,
             teacher_logits=shift(teacher.logits, self.vocab_size),
+            teacher_sparse=sparse_target(teacher),
             teacher_hidden=shift(teacher.final_hidden),
             teacher_weight=teacher_head_weight,
             student_layers=self._selected(out.hidden_states) if want else None,
@@ -103,6 +105,15 @@ class DistillationModule(torch.nn.Module):
         """Only the entries the loss names, in its order (see DistillationLoss.student_hidden_layers), shifted."""
         layers = self.loss.student_hidden_layers
         return tuple(shift(hidden_states[i]) for i in layers) if layers is not None else _shift_all(hidden_states)
+
+
+def sparse_target(teacher: TeacherOutput) -> Optional[SparseTarget]:
+    """A sparse teacher output shifted like the logits (its ids already lie inside the shared vocabulary: a store
+    is computed over the tokenizer's vocabulary, which the run's must equal)."""
+    if teacher.kind != "sparse":
+        return None
+    return SparseTarget(ids=shift(teacher.topk_ids), logprobs=shift(teacher.topk_logprobs),
+                        tail_logprob=shift(teacher.tail_logprob))
 
 
 def _shift_all(tensors: Optional[tuple[torch.Tensor, ...]]) -> Optional[tuple[torch.Tensor, ...]]:

@@ -57,7 +57,8 @@ class TeacherOutput:
     - dense: ``logits`` [B, L, V_teacher] (the trained module shifts and cuts them to the shared vocabulary);
     - hidden: ``final_hidden`` [B, L, H] final-norm hidden states, for a head applied inside the loss kernel;
     - sparse: ``topk_ids`` [B, L, K] (long), ``topk_logprobs`` [B, L, K] (log p of those tokens, fp32) and
-      ``tail_logprob`` [B, L] (log of the probability mass outside the top k), for a stored top-k signal.
+      ``tail_logprob`` [B, L] (log of the probability mass outside the top k), for a stored top-k signal, with
+      ``label_logprob``.
     ``hidden_states``: the intermediate hidden states a loss asked for (`TeacherRequest.hidden_layers`), any form.
     ``kind`` is None only for a loss that needs no teacher.
     """
@@ -68,6 +69,8 @@ class TeacherOutput:
     topk_ids: Optional[torch.Tensor] = None
     topk_logprobs: Optional[torch.Tensor] = None
     tail_logprob: Optional[torch.Tensor] = None
+    label_logprob: Optional[torch.Tensor] = None  # sparse only: [B, L] log p of each position's next label (held-out
+    # teacher perplexity; 0 where the position has no label)
 
     @property
     def kind(self) -> Optional[SignalKind]:
