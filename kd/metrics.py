@@ -1,5 +1,6 @@
-"""Run logging on rank 0: TensorBoard scalars, one JSONL record per optimizer step, and a progress bar with ETA;
-and `read_metrics`, the one reader of a run's metrics.jsonl that the tools share."""
+"""Run logging on rank 0: TensorBoard scalars, one JSONL record per optimizer step, generated prompt/completion
+pairs (samples.jsonl and TensorBoard text), and a progress bar with ETA; and `read_metrics`, the one reader of a
+run's metrics.jsonl that the tools share."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from typing import Any, Callable, Optional
 from kd.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 class MetricsLogger:
@@ -30,6 +32,8 @@ class MetricsLogger:
         os.makedirs(run_dir, exist_ok=True)
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
         self._jsonl = open(os.path.join(run_dir, METRICS_FILE), "a", buffering=1)
+        self._samples_path = os.path.join(run_dir, SAMPLES_FILE)
+        self._samples = None  # opened on the first sample step: runs without generation write no file
         if progress_bar:
             from tqdm import tqdm
 
@@ -39,23 +43,30 @@ class MetricsLogger:
         self._total_steps = total_steps
 
     def truncate_after(self, step: int) -> None:
-        """Drop JSONL records past `step`: after a resume they belong to a run that crashed before its next checkpoint,
-        and the resumed run writes them again (on a fresh start, step 0, everything goes)."""
+        """Drop JSONL records (metrics and samples) past `step`: after a resume they belong to a run that crashed
+        before its next checkpoint, and the resumed run writes them again (on a fresh start, step 0, everything
+        goes)."""
         path = self._jsonl.name
         self._jsonl.close()
-        keep = []
-        with open(path) as f:
-            for line in f:
-                try:
-                    if step > 0 and json.loads(line)["step"] <= step:
-                        keep.append(line)
-                except (ValueError, KeyError):
-                    pass  # a line cut short by a crash
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)
+        _truncate_jsonl(path, step)
         self._jsonl = open(path, "a", buffering=1)
+        if self._samples is not None:
+            self._samples.close()
+            self._samples = None
+        if os.path.exists(self._samples_path):
+            _truncate_jsonl(self._samples_path, step)
+
+    def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """Generated prompt/completion pairs of one step: one samples.jsonl line each ({"step", **pair}), written
+        whole and flushed, and one TensorBoard text entry. A crash can only cut the last line short, which
+        `truncate_after` drops on resume."""
+        if not self.enabled or not samples:
+            return
+        if self._samples is None:
+            self._samples = open(self._samples_path, "a", encoding="utf-8")
+        self._samples.write("".join(json.dumps({"step": step, **pair}, ensure_ascii=False) + "\n" for pair in samples))
+        self._samples.flush()
+        self._tb.add_text("onpolicy/samples", _samples_markdown(samples), step)
 
     def log_step(self, step: int, scalars: dict[str, float]) -> None:
         """One optimizer step: a JSONL record with every scalar, TensorBoard scalars under the same tags."""
@@ -115,6 +126,38 @@ class MetricsLogger:
             self._bar.close()
         self._tb.close()
         self._jsonl.close()
+        if self._samples is not None:
+            self._samples.close()
+
+
+def _truncate_jsonl(path: str, step: int) -> None:
+    """Keep the records of `path` with "step" <= `step` (none when `step` is 0), replacing the file atomically."""
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if step > 0 and json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a crash
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _samples_markdown(samples: list[dict[str, Any]]) -> str:
+    """TensorBoard renders text as markdown: a heading per pair, prompt and completion as indented code blocks
+    (indentation, not fences, so backticks inside a completion cannot break the layout)."""
+    def block(text: str) -> str:
+        return "\n".join("    " + line for line in str(text).splitlines() or [""])
+
+    parts = []
+    for pair in samples:
+        parts.append(f"**sample {pair.get('sample')}** (data sample {pair.get('sample_id')}, {pair.get('tokens')} "
+                     f"tokens, ended by {pair.get('finish_reason')})\n\nprompt:\n\n{block(pair.get('prompt', ''))}"
+                     f"\n\ncompletion:\n\n{block(pair.get('completion', ''))}")
+    return "\n\n---\n\n".join(parts)
 
 
 def _plain(value: Any) -> Optional[float]:

@@ -12,12 +12,16 @@ does), so the loss runs on what the student itself would say.
   counted as a loss token even when the tokenizer's pad id is EOS: padding is told apart by the generation mask.
 - The step is still exactly grad_accum micro-batches per rank: each sampled micro-batch becomes one generated one.
 - The sampler is per rank (stream = rank); its generator state is part of every checkpoint's per-rank state.
+- Samples for people to read (`sample_interval`): the first on-policy step of every block of N steps keeps rank 0's
+  first `sample_count` prompt/completion pairs as text (`step_samples`), which kd.metrics writes to samples.jsonl and
+  TensorBoard. Which steps is a function of (seed, step, lmbda, N) alone, so a resumed run that re-does steps writes
+  the same pairs for them (bitwise resume), and the logger drops the superseded ones first.
 """
 from __future__ import annotations
 
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -40,6 +44,15 @@ def is_on_policy(seed: int, step: int, lmbda: float) -> bool:
     return random.Random(f"kd-on-policy:{seed}:{step}").random() < lmbda
 
 
+def logs_samples(seed: int, step: int, lmbda: float, interval: int) -> bool:
+    """Whether the 1-based `step` writes samples: it is the first on-policy step of its block of `interval` steps
+    (steps 1..N, N+1..2N, ...); `interval` 0 = never. A block without an on-policy step writes none."""
+    if interval <= 0 or not is_on_policy(seed, step, lmbda):
+        return False
+    block_start = (step - 1) // interval * interval + 1
+    return not any(is_on_policy(seed, s, lmbda) for s in range(block_start, step))
+
+
 def prompt_of(input_ids: list[int], labels: list[int]) -> list[int]:
     """The tokens before the last contiguous run of loss labels (the last assistant turn); the whole sample when no
     token carries a label (its assistant turn was cut off by data.seq_len)."""
@@ -57,13 +70,15 @@ class OnPolicyBatches:
     completions (the student's training engine or the teacher source, kd.generation.engines)."""
 
     def __init__(self, sampled: SampledBatches, cfg: OnPolicyConfig, *, target: Target, seed: int, seq_len: int,
-                 eos_id: int, pad_id: int, vocab_size: int):
-        self.sampled, self.cfg, self.target = sampled, cfg, target
+                 eos_id: int, pad_id: int, vocab_size: int, decode: Optional[Callable[[list[int]], str]] = None):
+        """`decode` (token ids -> text, e.g. the tokenizer's) turns rank 0's sampled pairs into text; None = none."""
+        self.sampled, self.cfg, self.target, self.decode = sampled, cfg, target, decode
         self.seed, self.seq_len, self.eos_id, self.pad_id, self.vocab_size = seed, seq_len, eos_id, pad_id, vocab_size
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_k=cfg.top_k, top_p=cfg.top_p)
         self.sampler = make_sampler(self.sampling, seed=seed, stream=dist.rank(), device=dist.device())
         self.stats: dict[str, float] = {}
+        self.samples: list[dict[str, Any]] = []  # this step's readable pairs (rank 0, sample steps only)
 
     @property
     def sample_index(self) -> int:
@@ -81,11 +96,21 @@ class OnPolicyBatches:
         batches, ids = self.sampled.next_step(step)
         on = is_on_policy(self.seed, step, self.cfg.lmbda)
         self.stats = {"onpolicy/on": 1.0 if on else 0.0}
+        self.samples = []
         if not on:
             return batches, ids
-        return [self._generated(b) for b in batches], ids
+        keep = self.decode is not None and dist.is_main() and logs_samples(
+            self.seed, step, self.cfg.lmbda, self.cfg.sample_interval)
+        return [self._generated(b, i if keep else None) for b, i in zip(batches, ids)], ids
 
-    def _generated(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def step_samples(self) -> list[dict[str, Any]]:
+        """This step's readable pairs: [{sample, sample_id, prompt, completion, tokens, finish_reason}], `sample` =
+        the pair's index among rank 0's rows of the step, `sample_id` = the data sample it was made from. Empty
+        except on rank 0 at a sample step (`logs_samples`)."""
+        return self.samples
+
+    def _generated(self, batch: dict[str, torch.Tensor], sample_ids: Optional[list[int]] = None
+                   ) -> dict[str, torch.Tensor]:
         room = self.seq_len - self.cfg.max_new_tokens
         prompts, truncated = [], 0
         for row_ids, row_labels, row_mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
@@ -111,7 +136,22 @@ class OnPolicyBatches:
         self._add("onpolicy/completions", float(len(lengths)))
         self._add("onpolicy/ended_by_eos", float(sum(r == "eos" for r in out.finish_reasons)))
         self._add("onpolicy/truncated_prompts", float(truncated))
+        if sample_ids is not None:
+            self._keep_samples(prompts, out, sample_ids)
         return out.training_batch()
+
+    def _keep_samples(self, prompts: list[list[int]], out, sample_ids: list[int]) -> None:
+        """Decode rows of this micro-batch until the step holds `sample_count` pairs (the prompt as the model saw
+        it, after any truncation; special tokens kept, so the chat markup and the EOS show)."""
+        lengths = out.num_tokens
+        for row, prompt in enumerate(prompts):
+            if len(self.samples) >= self.cfg.sample_count:
+                return
+            self.samples.append({
+                "sample": len(self.samples), "sample_id": int(sample_ids[row]),
+                "prompt": self.decode(prompt), "completion": self.decode(out.completion(row)),
+                "tokens": int(lengths[row]),
+                "finish_reason": out.finish_reasons[row]})
 
     def _add(self, key: str, value: float) -> None:
         self.stats[key] = self.stats.get(key, 0.0) + value
