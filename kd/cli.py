@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     from kd.store.precompute import add_arguments as add_precompute_arguments
 
     add_precompute_arguments(p)
+    p = sub.add_parser("compete", help="competitive distillation rounds (imitation, discrimination, generation)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this machine (default: run.nproc)")
+    p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: a free one)")
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint directory")
     p.add_argument("checkpoints")
     p.add_argument("out_dir")
@@ -67,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             return validate(args.recipe, args.overrides)
         if args.command == "train":
             return train(args.recipe, args.overrides, nproc=args.nproc, master_port=args.master_port)
+        if args.command == "compete":
+            from kd.compete.cli import run as compete
+
+            return compete(args.recipe, args.overrides, nproc=args.nproc, master_port=args.master_port)
         if args.command == "eval":
             from kd.eval_cli import run
 
