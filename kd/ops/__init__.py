@@ -8,6 +8,11 @@ nothing from kd.losses (what both share is kd.ops.spec):
     dense_loss(student_logits, teacher_logits, mask, labels, divergence=..., grad_scale=...) -> FusedLossOutput
     dense_divergence(student_logits, teacher_logits, mask, divergence=...)                   -> per-row loss [N]
     fused_linear_divergence(student_hidden, student_weight, mask, labels, teacher_...)      -> FusedLossOutput
+    sparse_loss(student_logits, ids, logprobs, tail_logprob, mask, labels, divergence=...)  -> FusedLossOutput
+    fused_linear_sparse(student_hidden, student_weight, ids, logprobs, tail_logprob, mask, labels, ...)
+
+The sparse pair trains against a stored top-k teacher (ids, log-probs, log tail mass per row) over K + 1 buckets,
+or the k ids renormalized with ``tail="renormalize"`` (the eager spec: `kd.losses.functional.sparse_divergence`).
 
 ``divergence`` is a name of `kd.losses.functional.DIVERGENCES`; ``taid_t`` (float or 0-dim tensor) replaces the
 teacher distribution by TAID's target softmax((1 - t) * stopgrad(z_s / T) + t * z_t / T) (`functional.taid_target`);
@@ -24,7 +29,7 @@ from torch import Tensor
 from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar
 
 __all__ = ["DivergenceSpec", "FusedLossOutput", "dense_divergence", "dense_loss", "fused_linear_divergence",
-           "resolve_backend", "triton_available"]
+           "fused_linear_sparse", "resolve_backend", "sparse_loss", "triton_available"]
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -135,3 +140,47 @@ def fused_linear_divergence(student_hidden: Tensor, student_weight: Tensor, mask
         return fused_linear_divergence_triton(student_hidden, student_weight, mask, labels, **kwargs)
     from kd.ops.chunks import fused_linear_chunks
     return fused_linear_chunks(student_hidden, student_weight, mask, labels, **kwargs)
+
+
+def sparse_loss(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor,
+                labels: Tensor, *, divergence: str, temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                taid_t: Optional[Scalar] = None, ce_weight: float = 0.0, grad_scale: Optional[float] = None,
+                backend: str = "auto", tail: str = "bucket", vocab_size: Optional[int] = None,
+                chunk_size: Optional[int] = None) -> FusedLossOutput:
+    """``(1 - w) * sum(mask * D) + w * sum(valid * CE)`` of materialized student logits against a stored top-k
+    teacher, with the gradient computed in the same pass (kd.ops.sparse).
+
+    Args:
+        student_logits: ``[..., V]`` (a [B, L, V] view is used without a copy), any float dtype, with grad.
+        ids: ``[..., K]`` the teacher's token ids per row (distinct, any order, < V); logprobs ``[..., K]`` their
+            teacher log-probs at the store's temperature; tail_logprob ``[...]`` the log of the rest (may be -inf).
+        mask: ``[...]`` bool rows that carry the divergence; labels ``[...]`` ids for the CE term (-100: none).
+        divergence, temperature, beta, alpha, taid_t: as `dense_loss` (TAID's target is the log-space mix of the
+            buckets, `kd.losses.functional.sparse_taid_kl`); the student's logits are divided by ``temperature``.
+        tail: "bucket" (the tail mass is one more bucket) or "renormalize" (both sides over the k ids, tail ignored).
+        grad_scale: the grad_output backward will bring (as `dense_loss`).
+        vocab_size: use only the first ``vocab_size`` student logits (a view).
+        chunk_size: rows per block of the torch path; the kernel ignores it.
+    Returns:
+        `FusedLossOutput`: ``loss`` (a sum, autograd to the student logits), kd_sum and ce_sum detached, num_tokens.
+    """
+    spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    if vocab_size is not None:
+        student_logits = student_logits[..., :vocab_size]
+    _check_sparse(student_logits.shape[:-1], ids, logprobs, tail_logprob, mask, labels)
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    from kd.ops.sparse import sparse_loss_rows
+    resolved = resolve_backend(backend, student_logits)
+    if resolved == "triton" and backend == "auto":
+        resolved = "torch"  # until kd.ops.sparse_kl lands
+    return sparse_loss_rows(student_logits, ids, logprobs, tail_logprob, mask.bool(), labels, spec, tail,
+                            1.0 - ce_weight, ce_weight, grad_scale, resolved, chunk_size)
+
+
+def _check_sparse(lead, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor, labels: Tensor) -> None:
+    if not (ids.shape == logprobs.shape and ids.shape[:-1] == tail_logprob.shape == mask.shape == labels.shape
+            and ids.numel() // max(ids.shape[-1], 1) == lead.numel()):
+        raise ValueError(f"shapes differ: rows {tuple(lead)}, ids {tuple(ids.shape)}, logprobs "
+                         f"{tuple(logprobs.shape)}, tail_logprob {tuple(tail_logprob.shape)}, mask "
+                         f"{tuple(mask.shape)}, labels {tuple(labels.shape)}")

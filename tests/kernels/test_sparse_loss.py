@@ -1,0 +1,133 @@
+"""kd.ops.sparse_loss (a stored top-k teacher: loss, CE and gradient in one pass) on every backend against the eager
+spec kd.losses.functional.sparse_divergence / sparse_taid_kl, differentiated by autograd.
+
+The Triton backend runs in Triton's interpreter on CPU (TRITON_INTERPRET=1, tests/conftest.py): tiny shapes.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from kd.losses import functional as F
+from kd.ops import sparse_loss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KNOBS = {"jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+BACKENDS = ["torch"]  # + triton: kd.ops.sparse_kl (next commit)
+
+
+def make_store(shape, vocab, k, dtype, seed=0, store_temperature=1.0):
+    """Student logits and a top-k store of a random teacher (tail from a logsumexp over the rest, so -inf at k = V);
+    ids in random order; every 4th row ignored."""
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(*shape, vocab, generator=gen) * 2).to(dtype)
+    t = torch.randn(*shape, vocab, generator=gen) * 2
+    lp_full = torch.log_softmax(t / store_temperature, -1)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(s[..., 0].numel())]).view(*shape, k)
+    lp = lp_full.gather(-1, ids)
+    tail = torch.logsumexp(lp_full.scatter(-1, ids, float("-inf")), -1)
+    labels = torch.randint(0, vocab, shape, generator=gen)
+    labels.view(-1)[::4] = -100
+    return [x.to(DEVICE) for x in (s, ids, lp, tail, labels)]
+
+
+def reference(s, ids, lp, tail, labels, name, temperature, ce_weight, knobs, taid_t, tail_mode):
+    mask = labels != -100
+    if taid_t is None:
+        per_row = F.sparse_divergence(s, ids, lp, tail, divergence=name, temperature=temperature, tail=tail_mode,
+                                      **knobs)
+    else:
+        per_row = F.sparse_taid_kl(s, ids, lp, tail, taid_t, temperature=temperature, tail=tail_mode)
+    kd = torch.where(mask, per_row, 0.0).sum()
+    ce = torch.where(mask, F.cross_entropy(s, labels), 0.0).sum()
+    return (1.0 - ce_weight) * kd + ce_weight * ce, kd, ce
+
+
+def run(backend, name, dtype=torch.float32, shape=(3, 7), vocab=131, k=9, temperature=1.7, ce_weight=0.25,
+        grad_scale=0.125, grad_output=0.125, taid_t=None, tail="bucket", knobs=None, seed=0, shifted=False,
+        chunk_size=None):
+    knobs = KNOBS.get(name, {}) if knobs is None else knobs
+    s, ids, lp, tail_lp, labels = make_store(shape, vocab, k, dtype, seed)
+    if shifted:  # the trainer's view: logits [B, L + 1, V + 5] cut to [:, :-1, :V]
+        wide = torch.randn(shape[0], shape[1] + 1, vocab + 5, device=DEVICE).to(dtype)
+        wide[:, :-1, :vocab] = s
+        leaf_k, leaf_r = wide.clone().requires_grad_(True), wide.clone().requires_grad_(True)
+        sk, sr = leaf_k[:, :-1], leaf_r[:, :-1, :vocab]
+    else:
+        leaf_k, leaf_r = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        sk, sr = leaf_k, leaf_r
+    out = sparse_loss(sk, ids, lp, tail_lp, labels != -100, labels, divergence=name, temperature=temperature,
+                      ce_weight=ce_weight, grad_scale=grad_scale, taid_t=taid_t, backend=backend, tail=tail,
+                      vocab_size=vocab if shifted else None, chunk_size=chunk_size, **knobs)
+    (out.loss * grad_output).backward()
+    loss, kd, ce = reference(sr, ids, lp, tail_lp, labels, name, temperature, ce_weight, knobs, taid_t, tail)
+    (loss * grad_output).backward()
+    torch.testing.assert_close(out.loss, loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.kd_sum, kd, rtol=1e-4, atol=1e-5)
+    if ce_weight > 0:
+        torch.testing.assert_close(out.ce_sum, ce, rtol=1e-4, atol=1e-5)
+    assert int(out.num_tokens) == int((labels != -100).sum())
+    assert leaf_k.grad.dtype == dtype
+    g, r = leaf_k.grad.float(), leaf_r.grad.float()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(g, r, rtol=tol, atol=tol * r.abs().max().item())
+    rows = g[:, :-1, :vocab] if shifted else g
+    assert torch.all(rows.reshape(-1, vocab)[(labels == -100).reshape(-1)] == 0)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(F.DIVERGENCES))
+def test_every_divergence_with_ce(backend, name):
+    """[B, L, V] input, odd V, ignored rows, T != 1, CE term, the tail bucket, gradient stored at the scale."""
+    run(backend, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["forward_kl", "jsd", "tvd"])
+def test_renormalized_top_k(backend, name):
+    run(backend, name, tail="renormalize")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_taid(backend, tail):
+    for t in (0.0, 0.4, 1.0):
+        run(backend, "forward_kl", taid_t=t, tail=tail, seed=3)
+    run(backend, "forward_kl", taid_t=torch.tensor(0.6), tail=tail, seed=4)  # a device-scalar t
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_full_vocabulary_empty_tail(backend):
+    """k = V: the tail is -inf on both sides; nothing becomes NaN (the reverse KLs included)."""
+    for name in F.DIVERGENCES:
+        run(backend, name, vocab=37, k=37, shape=(2, 3))
+    run(backend, "forward_kl", vocab=37, k=37, shape=(2, 3), taid_t=0.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_output_other_than_the_scale_and_the_shifted_view(backend, dtype):
+    run(backend, "forward_kl", dtype=dtype, grad_scale=0.125, grad_output=3.0, shifted=True)
+    run(backend, "skew_reverse_kl", dtype=dtype, grad_scale=None, grad_output=0.7, ce_weight=0.0, temperature=1.0)
+
+
+def test_torch_path_blocks_and_k_of_one():
+    """Blocks of 2 rows across sequence ends; k = 1 (one stored token, the rest in the tail)."""
+    run("torch", "jsd", chunk_size=2)
+    run("torch", "reverse_kl", k=1, temperature=1.0)
+
+
+def test_bad_shapes_and_tail_are_refused():
+    s, ids, lp, tail_lp, labels = make_store((2, 3), 17, 4, torch.float32)
+    with pytest.raises(ValueError, match="shapes differ"):
+        sparse_loss(s, ids[:, :2], lp[:, :2], tail_lp, labels != -100, labels, divergence="tvd")
+    with pytest.raises(ValueError, match="tail must be one of"):
+        sparse_loss(s, ids, lp, tail_lp, labels != -100, labels, divergence="tvd", tail="drop", backend="torch")
+
+
+def test_tail_options_agree_with_the_spec():
+    from kd.ops.sparse import SPARSE_TAILS
+    assert SPARSE_TAILS == F.SPARSE_TAILS
