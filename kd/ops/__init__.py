@@ -184,3 +184,31 @@ def _check_sparse(lead, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mas
         raise ValueError(f"shapes differ: rows {tuple(lead)}, ids {tuple(ids.shape)}, logprobs "
                          f"{tuple(logprobs.shape)}, tail_logprob {tuple(tail_logprob.shape)}, mask "
                          f"{tuple(mask.shape)}, labels {tuple(labels.shape)}")
+
+
+def fused_linear_sparse(student_hidden: Tensor, student_weight: Tensor, ids: Tensor, logprobs: Tensor,
+                        tail_logprob: Tensor, mask: Tensor, labels: Tensor, *, divergence: str,
+                        temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1,
+                        taid_t: Optional[Scalar] = None, ce_weight: float = 0.0, normalizer: Scalar = 1.0,
+                        vocab_size: Optional[int] = None, tail: str = "bucket", backend: str = "auto",
+                        chunk_size: Optional[int] = None) -> FusedLossOutput:
+    """`sparse_loss` of a linear student head (kd.ops.sparse_fused): the logits exist one block of rows at a time.
+
+    Args:
+        student_hidden: ``[..., Hs]`` final hidden states, with grad; student_weight ``[V', Hs]`` (gathered).
+        ids, logprobs, tail_logprob, mask, labels, divergence, ..., tail: as `sparse_loss`, rows as the hidden states.
+        ce_weight, normalizer, vocab_size, chunk_size: as `fused_linear_divergence` (``loss = S / normalizer``).
+    Returns:
+        `FusedLossOutput` (loss with autograd to ``student_hidden`` and ``student_weight``; kd_sum, ce_sum detached).
+    """
+    spec = DivergenceSpec(divergence, temperature, beta, alpha, taid_t)
+    if not 0.0 <= ce_weight <= 1.0:
+        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
+    from kd.ops.sparse import check_tail
+    from kd.ops.sparse_fused import fused_linear_sparse_rows
+    resolved = resolve_backend(backend, student_hidden)
+    if resolved == "triton" and backend == "auto":
+        resolved = "torch"  # until kd.ops.sparse_kl lands
+    return fused_linear_sparse_rows(student_hidden, student_weight, ids, logprobs, tail_logprob, mask.bool(), labels,
+                                    spec=spec, tail=check_tail(tail), ce_weight=ce_weight, normalizer=normalizer,
+                                    vocab_size=vocab_size, backend=resolved, chunk_size=chunk_size)
