@@ -1,7 +1,9 @@
 """Runs that lose nothing: SIGKILL of one rank mid-run, a crash in the middle of a save, preemption by SIGTERM.
 
 Every resumed run must produce the same per-step losses (bitwise, fp32 on CPU) and the same sample order as an
-uninterrupted run of the same recipe.
+uninterrupted run of the same recipe. The runs are on-policy distillation at lambda = 0.5 on chat data (issue 12
+item 6), the hardest state to restore: besides the engine, optimizer, data position and RNGs, each rank's sampling
+generator decides the completions the student generates on the on-policy steps.
 """
 from __future__ import annotations
 
@@ -12,16 +14,27 @@ import time
 
 import pytest
 
-from tests.helpers.tiny_run import make_tiny_run
+from tests.helpers.tiny_run import make_tiny_run as _make_tiny_run
+from tests.helpers.tiny_run import write_chat
 from tests.integration.conftest import last_step, rank_pids, run_kd, start_kd, train_records, wait_for
 
 pytestmark = pytest.mark.integration
 
 SECTIONS = dict(
     train={"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2, "lr": 1e-3, "seed": 0},
+    loss={"name": "jsd", "beta": 0.5},
+    on_policy={"lmbda": 0.5, "max_new_tokens": 6, "temperature": 1.0, "gather": "always"},
     eval={"interval": 0, "at_start": False, "max_batches": 1},
     checkpoint={"interval": 2, "keep_last": 3},
 )
+
+
+def make_tiny_run(root, **sections):
+    """The tiny run on a chat data set (prompts for the student to complete)."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_chat(root / "chat.jsonl")
+    data = {"kind": "chat", "train": {"path": str(root / "chat.jsonl")}, "seq_len": 48, "eval_fraction": 0.1}
+    return _make_tiny_run(root, data=data, **sections)
 
 
 def sample_ids(run_dir):
@@ -59,6 +72,9 @@ def test_sigkill_one_rank_then_resume_is_bitwise_identical(tmp_path, reference):
     records, ids = train_records(run_dir), sample_ids(run_dir)
     ref_records, ref_ids = reference
     assert sorted(records) == list(range(1, 7))
+    flags = [ref_records[s]["onpolicy/on"] for s in range(1, 7)]
+    assert 0 < sum(flags) < 6, flags  # both kinds of step, on both sides of the kill at step 3
+    assert [records[s]["onpolicy/on"] for s in range(1, 7)] == flags
     for step in range(1, 7):
         assert records[step]["loss"] == ref_records[step]["loss"], step  # bitwise: exact float equality
         assert records[step]["grad_norm"] == ref_records[step]["grad_norm"], step
