@@ -96,16 +96,12 @@ def sparse_batch_sums(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tai
     for b in range(student_logits.shape[0]):  # one sample of [L, V] fp32 at a time
         mask = labels[b] != IGNORE_INDEX
         log_q = torch.log_softmax(student_logits[b].float(), dim=-1)
-        log_q_k = log_q.gather(-1, ids[b])
-        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids[b], float("-inf")), dim=-1)
-        log_p = torch.cat([logprobs[b].float(), tail[b, :, None].float()], dim=-1)
-        p = log_p.exp()
-        ratio = torch.where(p > 0, log_p - torch.cat([log_q_k, log_q_tail[:, None]], dim=-1), torch.zeros_like(p))
+        kl = F.sparse_divergence(student_logits[b], ids[b], logprobs[b], tail[b], divergence="forward_kl")
         teacher_top1 = ids[b].gather(-1, logprobs[b].argmax(-1, keepdim=True)).squeeze(-1)
         sums += torch.stack([
             torch.where(mask, -log_q.gather(-1, labels[b].clamp_min(0)[:, None]).squeeze(-1), zero).sum(dtype=torch.float64),
             torch.where(mask, -label_logprob[b].float(), zero).sum(dtype=torch.float64),
-            torch.where(mask, (p * ratio).sum(-1), zero).sum(dtype=torch.float64),
+            torch.where(mask, kl, zero).sum(dtype=torch.float64),
             ((log_q.argmax(-1) == teacher_top1) & mask).sum(dtype=torch.float64),
             mask.sum(dtype=torch.float64),
         ])

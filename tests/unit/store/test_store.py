@@ -202,3 +202,18 @@ def test_a_killed_precompute_redoes_only_its_unfinished_shards(tiny, tmp_path):
     other = argparse.Namespace(**{**vars(tiny["args"]), "k": 5})
     with pytest.raises(UserError, match=r"already holds \(part of\) another store; it differs in: k: store 7, run 5"):
         precompute(other, tiny["recipe"], str(store), log=lambda m: None)
+
+
+def test_held_out_metrics_from_a_full_store_equal_the_dense_ones():
+    from kd.eval_metrics import batch_sums, sparse_batch_sums
+
+    torch.manual_seed(3)
+    student, teacher = torch.randn(2, 6, 13), torch.randn(2, 6, 13) * 2
+    labels = torch.randint(0, 13, (2, 6))
+    labels[0, :2] = IGNORE_INDEX
+    lp = torch.log_softmax(teacher, -1)
+    values, ids = lp.topk(13, -1)  # k = V: the store holds the whole distribution
+    tail = torch.full((2, 6), -torch.inf)
+    sparse = sparse_batch_sums(student, ids, values, tail, lp.gather(-1, labels.clamp_min(0)[..., None])[..., 0],
+                               labels)
+    assert torch.allclose(sparse, batch_sums(student, teacher, labels), atol=1e-5)
