@@ -63,6 +63,8 @@ class CompeteRun:
             self._ensure_models(state)
             if state.phase != "imitation":
                 getattr(self, f"_{state.phase}")(state)
+            if os.environ.get("KD_COMPETE_EXIT_AT") == f"{state.round}:{state.phase}:end":
+                os._exit(137)  # fault injection: killed after the phase's work, before the state moved on
             state = state.next(self.cfg.rounds)
             dist.run_on_main(lambda s=state: self.files.save_state(s))
         self._log(f"kd compete: {self.cfg.rounds} round(s) done; pool and round records in {self.files.root}")
@@ -142,6 +144,8 @@ class CompeteRun:
             done = done + work(items[start:start + self.cfg.chunk], start)
             progress = RoundState(r, phase, len(done))
             dist.run_on_main(lambda d=done, s=progress: (self.files.write_partial(r, phase, d), self.files.save_state(s)))
+            if os.environ.get("KD_COMPETE_EXIT_AT") == f"{r}:{phase}:{len(done)}":
+                os._exit(137)  # fault injection for the resume tests: a kill right after this chunk was saved
             if dist.any_rank(self.stop_requested) and len(done) < len(items):
                 raise Stopped(f"stopped in round {r}'s {phase} at item {len(done)} of {len(items)}")
         return done
@@ -228,6 +232,7 @@ class CompeteRun:
         before = self.files.pool(r - 1) if r > 0 else []
         pool = grow(before, [row["instruction"] for row in rows], [row["answer"] for row in rows], round=r,
                     origins=[row["origin"] for row in rows])
+        _check_same_on_every_rank(pool, f"round {r}'s pool")
         dist.run_on_main(lambda: write_jsonl(self.files.path(r, "pool.jsonl"), pool))
         if r > 0:
             dist.run_on_main(lambda: self._write_round_record(r))
@@ -281,8 +286,8 @@ class CompeteRun:
             for key, value in record.items():
                 if key != "round" and isinstance(value, (int, float)) and value is not None:
                     tb.add_scalar(f"compete/{key}", value, r)
-        print("kd compete: round " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                               for k, v in record.items()), flush=True)
+        print(f"kd compete: round {r}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in record.items() if k != "round"), flush=True)
 
     # ------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
@@ -295,3 +300,16 @@ class CompeteRun:
     def _log(self, message: str) -> None:
         if dist.is_main():
             print(message, flush=True)
+
+
+def _check_same_on_every_rank(rows: list[dict[str, Any]], what: str) -> None:
+    """Collective: every rank built ``rows`` from gathered results, so they must agree; a difference is a bug (a rank
+    that decoded or filtered differently) and stops the run rather than training ranks on different pools."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    digests = dist.all_gather_object(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"{what} differs between ranks (sha256 per rank: {', '.join(d[:12] for d in digests)})")
+    if dist.is_main() and dist.world_size() > 1:
+        print(f"kd compete: {what} is the same on all {len(digests)} ranks (sha256 {digest[:12]})", flush=True)

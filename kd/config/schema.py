@@ -243,8 +243,9 @@ class CompeteJudgeConfig(Section):
     def _threshold_in_scale(self):
         spans = {"prompted": 9.0, "likelihood": float("inf")}  # high - low of the built-in judges' scales
         if self.name in spans and not 0 < self.threshold <= spans[self.name]:
-            raise ValueError(f"threshold {self.threshold} is outside the {self.name} judge's scale: a score gap must be "
-                             f"> 0 and <= {spans[self.name]:g}")
+            bound = "> 0" + (f" and <= {spans[self.name]:g}" if spans[self.name] != float("inf") else "")
+            raise ValueError(f"threshold {self.threshold} is outside the {self.name} judge's scale: a score gap "
+                             f"teacher - student must be {bound}")
         return self
 
 
