@@ -171,11 +171,9 @@ def sparse_loss(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail_logp
     if not 0.0 <= ce_weight <= 1.0:
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
     from kd.ops.sparse import sparse_loss_rows
-    resolved = resolve_backend(backend, student_logits)
-    if resolved == "triton" and backend == "auto":
-        resolved = "torch"  # until kd.ops.sparse_kl lands
     return sparse_loss_rows(student_logits, ids, logprobs, tail_logprob, mask.bool(), labels, spec, tail,
-                            1.0 - ce_weight, ce_weight, grad_scale, resolved, chunk_size)
+                            1.0 - ce_weight, ce_weight, grad_scale, resolve_backend(backend, student_logits),
+                            chunk_size)
 
 
 def _check_sparse(lead, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor, labels: Tensor) -> None:
@@ -206,9 +204,7 @@ def fused_linear_sparse(student_hidden: Tensor, student_weight: Tensor, ids: Ten
         raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
     from kd.ops.sparse import check_tail
     from kd.ops.sparse_fused import fused_linear_sparse_rows
-    resolved = resolve_backend(backend, student_hidden)
-    if resolved == "triton" and backend == "auto":
-        resolved = "torch"  # until kd.ops.sparse_kl lands
     return fused_linear_sparse_rows(student_hidden, student_weight, ids, logprobs, tail_logprob, mask.bool(), labels,
                                     spec=spec, tail=check_tail(tail), ce_weight=ce_weight, normalizer=normalizer,
-                                    vocab_size=vocab_size, backend=resolved, chunk_size=chunk_size)
+                                    vocab_size=vocab_size, backend=resolve_backend(backend, student_hidden),
+                                    chunk_size=chunk_size)
