@@ -72,7 +72,7 @@ class FusionConfig(Section):
     mode: Literal["single", "joint", "static"] = Field("single", description="single: per position one expert active, the best of T x G candidates (the paper's); joint: all weights together (full grid for <= 2 experts, else coordinate descent); static: the fixed static_weights (proxy-tuning).")
     grid: FusionGridConfig = Field(default_factory=FusionGridConfig, description="The weights searched per expert (single, joint).")
     static_weights: Optional[list[float]] = Field(None, description="mode static: one weight per expert (default 1 each).")
-    chunk_rows: int = Field(512, ge=1, description="Positions solved at once; memory ~ chunk_rows x vocab x 4 bytes x (experts + 7).")
+    chunk_rows: int = Field(512, ge=1, description="Positions solved at once; memory ~ chunk_rows x vocab x 4 bytes x (experts + 4) for fp32 models (+2 for bf16).")
     sweeps: int = Field(10, ge=1, description="mode joint with more than 2 experts: most coordinate-descent sweeps per position.")
 
     @model_validator(mode="after")
@@ -174,6 +174,7 @@ class LossConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments passed to a custom (dotted-path) loss.")
     kernel: Literal["auto", "triton", "torch", "eager"] = Field("auto", description="auto: fused Triton kernels on CUDA, the chunked PyTorch path elsewhere; triton / torch force one; eager: the plain reference formulas.")
     fused_linear: bool = Field(False, description="Compute the student's and the teacher's lm_heads inside the loss kernel (kd.ops.fused_linear_divergence), a block of rows at a time: neither model's N x V logits are materialized. Divergence losses and taid, with or without trg; Llama/Qwen/Mistral-style heads (a teacher without one hands over its logits).")
+    sparse_tail: Literal["bucket", "renormalize"] = Field("bucket", description="With a stored top-k teacher (teacher.store): bucket keeps the teacher's tail mass as one more bucket against the student's mass off the k ids (nothing dropped); renormalize renormalizes both over the k ids and ignores the tail (axolotl's behaviour).")
     taid: TAIDConfig = Field(default_factory=TAIDConfig, description="TAID schedule (used when name is taid).")
     trg: Optional[TRGConfig] = Field(None, description="Add token-relationship-graph terms on hidden states on top of the logit loss (unset = off).")
 
