@@ -20,9 +20,10 @@ Modes (the candidates, kd.fusion.grid, in tie-breaking order: first minimum wins
   increases, so a local minimum of the grid; not always the global one.
 - ``static`` (proxy-tuning): a fixed a (default 1 per expert); J is still computed, for the logs.
 
-Cost and memory. Rows are solved `chunk_rows` at a time, so at most about (T + 7) x chunk_rows x V values of the
-compute dtype (fp32) are alive at once; the candidates are a Python loop (T x G or G^T passes over each chunk), the
-positions never are. Only the fused logits [N, V] (in the large base's dtype) and [N]/[N, T] results are kept.
+Cost and memory. Rows are solved `chunk_rows` at a time, so at most (T + 4) x chunk_rows x V values of the compute
+dtype (fp32) are alive at once for fp32 logits (T + 6 for bf16 logits, +1 in coordinate descent; derived and measured
+in tools/bench_fusion.py); the candidates are a Python loop (T x G or G^T passes over each chunk), the positions
+never are. Only the fused logits [N, V] (in the large base's dtype) and [N]/[N, T] results are kept.
 Logits must be finite (-inf entries make d_t NaN).
 """
 from __future__ import annotations
@@ -83,9 +84,10 @@ def fuse_logits(large: torch.Tensor, small: torch.Tensor, experts: Sequence[torc
                 cands = fgrid.single_candidates(grid, num) if mode == "single" else fgrid.joint_candidates(grid, num)
                 a = chunk.best_of(cands)
             fused = chunk.fused(a)
-            j, kl = chunk.objective(fused)
+            j, kl = chunk.objective(fused, a)
             out_logits[part] = fused.to(large.dtype)
             weights[part], objective[part], kl_to_large[part] = a, j, kl
+            del chunk, fused  # now: else they stay alive while the next chunk is built (twice the memory)
         active = weights != 0
         if mode == "single":
             selected = torch.where(active.any(-1), active.float().argmax(-1), -1)
@@ -96,13 +98,18 @@ def fuse_logits(large: torch.Tensor, small: torch.Tensor, experts: Sequence[torc
 
 
 class _Chunk:
-    """One block of rows, upcast once: log P, P, the directions d_t and the per-expert targets
-    r_t = KL(Q_t || Q), s_t = KL(Q || Q_t), so every candidate costs one log-softmax and two reductions over V."""
+    """One block of rows, upcast once. Kept: z_L, the directions d_t = z_t - z_S, and per row the scalars
+    lse_L = logsumexp(z_L), m_t = E_P[d_t] and the targets r_t = KL(Q_t || Q), s_t = KL(Q || Q_t).
+
+    With g = f(a) - z_L = sum_t a_t d_t and lse_f = logsumexp(f(a)), log P~ - log P = g - (lse_f - lse_L), so
+        KL(P~ || P) = E_P~[g] - (lse_f - lse_L),      KL(P || P~) = (lse_f - lse_L) - E_P[g],
+    E_P[g] = sum_t a_t m_t is known for free, and a candidate costs one logsumexp, one exp and one dot product with
+    each active d_t over V: no log-softmax, and no [n, V] tensor of P or log P kept (see tools/bench_fusion.py for
+    the memory this leaves)."""
 
     def __init__(self, large, small, experts, dtype):
         self.z_large = large.to(dtype)
-        self.log_p = torch.log_softmax(self.z_large, -1)
-        self.p = self.log_p.exp()
+        self.lse_large = torch.logsumexp(self.z_large, -1)
         z_small = small.to(dtype)
         log_q = torch.log_softmax(z_small, -1)
         q = log_q.exp()
@@ -110,19 +117,37 @@ class _Chunk:
         for expert in experts:
             z_t = expert.to(dtype, copy=True)  # a copy: it becomes d_t in place below, the input stays as it was
             log_qt = torch.log_softmax(z_t, -1)
-            r.append((log_qt.exp() * (log_qt - log_q)).sum(-1))
-            s.append((q * (log_q - log_qt)).sum(-1))
+            q_t = log_qt.exp()
+            diff = log_qt.sub_(log_q)  # log Q_t - log Q, in place: log Q_t is not needed any more
+            r.append(_dot(q_t, diff))
+            del q_t
+            s.append(-_dot(q, diff))
+            del diff
             self.d.append(z_t.sub_(z_small))  # in place: z_t is not needed any more
-        self.r, self.s = torch.stack(r, -1), torch.stack(s, -1)  # [n, T]
+        del z_small, log_q, q  # before P is made: they and P are never alive together
+        p = torch.softmax(self.z_large, -1)
+        m = [_dot(p, d) for d in self.d]
+        del p
+        self.r, self.s, self.m = torch.stack(r, -1), torch.stack(s, -1), torch.stack(m, -1)  # [n, T]
         self.num = len(experts)
         self.rows = large.shape[0]
 
-    def objective(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """J and KL(P~ || P) for fused logits f [n, V]."""
-        log_pf = torch.log_softmax(f, -1)
-        diff = log_pf - self.log_p
-        kl_fused_large = (log_pf.exp() * diff).sum(-1)  # KL(P~ || P)
-        kl_large_fused = -(self.p * diff).sum(-1)  # KL(P || P~)
+    def objective(self, f: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor]:
+        """J and KL(P~ || P) for fused logits f = f(a) [n, V]; `a`: constant weights (floats) or per-row [n, T]."""
+        lse = torch.logsumexp(f, -1)
+        p_fused = (f - lse[:, None]).exp_()
+        g_fused = torch.zeros_like(lse)  # E_P~[g]
+        g_large = torch.zeros_like(lse)  # E_P[g]
+        for t, d in enumerate(self.d):
+            c = a[t] if not torch.is_tensor(a) else a[:, t]
+            if (c == 0) if not torch.is_tensor(c) else not bool((c != 0).any()):
+                continue  # skipped terms: a = 0 gives KL = 0 exactly (lse == lse_L bit for bit)
+            g_fused += c * _dot(p_fused, d)
+            g_large += c * self.m[:, t]
+        shift = lse - self.lse_large
+        # clamp: both are KLs (>= 0); the rounding of lse_f - lse_L may leave -1e-7 where the fused model barely moved
+        kl_fused_large = (g_fused - shift).clamp_(min=0)  # KL(P~ || P)
+        kl_large_fused = (shift - g_large).clamp_(min=0)  # KL(P || P~)
         # the differences directly, not T D1^2 - 2 D1 sum r + sum r^2: that form cancels when J is small
         j = ((kl_fused_large[:, None] - self.r).square() + (kl_large_fused[:, None] - self.s).square()).sum(-1)
         return j, kl_fused_large
@@ -133,7 +158,7 @@ class _Chunk:
         for t, d in enumerate(self.d):
             col = a[:, t:t + 1]
             if bool((col != 0).any()):
-                f.add_(col * d)
+                f.addcmul_(d, col)  # in place, no [n, V] temporary for col * d
         return f
 
     def _fused_const(self, a: Sequence[float]) -> torch.Tensor:
@@ -148,7 +173,7 @@ class _Chunk:
         best_j = torch.full((self.rows,), float("inf"), dtype=self.z_large.dtype, device=self.z_large.device)
         best = torch.zeros(self.rows, dtype=torch.long, device=self.z_large.device)
         for k, a in enumerate(candidates):
-            j, _ = self.objective(self._fused_const(a))
+            j, _ = self.objective(self._fused_const(a), a)
             better = j < best_j  # strict: an equal J later in the order does not replace an earlier candidate
             best_j = torch.where(better, j, best_j)
             best = torch.where(better, k, best)
@@ -173,8 +198,10 @@ class _Chunk:
                 best_j = torch.full((self.rows,), float("inf"), dtype=a.dtype, device=a.device)
                 best = torch.zeros(self.rows, dtype=torch.long, device=a.device)
                 for k, c in enumerate(order):
-                    f = base if c == 0 else base + c * self.d[t]
-                    j, _ = self.objective(f)
+                    f = base if c == 0 else torch.add(base, self.d[t], alpha=c)
+                    col = others.clone()
+                    col[:, t] = c
+                    j, _ = self.objective(f, col)
                     better = j < best_j
                     best_j = torch.where(better, j, best_j)
                     best = torch.where(better, k, best)
@@ -182,6 +209,11 @@ class _Chunk:
             if torch.equal(a, before):  # one host sync per sweep, not per position
                 break
         return a
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise sum_v x[n, v] * y[n, v] -> [n], as a batched matrix product: no [n, V] product tensor."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).reshape(-1)
 
 
 def _check_inputs(large, small, experts, mode, grid, static_weights, chunk_rows, key) -> int:
