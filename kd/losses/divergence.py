@@ -11,12 +11,14 @@ fp32 pass over the ``[B, L, V]`` logits, which is too costly for a logging-only 
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 from kd.errors import UserError
-from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossInputs, LossOutput, fused_linear_mix_with_ce,
-                            loss_token_mask, masked_sum, mix_with_ce)
-from kd.losses.functional import DIVERGENCES, cross_entropy
-from kd.ops import dense_loss
+from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossInputs, LossOutput, SparseTarget,
+                            fused_linear_mix_with_ce, loss_token_mask, masked_sum, mix_with_ce)
+from kd.losses.functional import (DIVERGENCES, SPARSE_TAILS, cross_entropy, sparse_divergence,
+                                  sparse_taid_kl)
+from kd.ops import dense_loss, fused_linear_sparse, sparse_loss
 
 
 def dense_mix_with_ce(name: str, inputs: LossInputs, *, divergence: str, temperature: float, ce_weight: float,
@@ -30,6 +32,55 @@ def dense_mix_with_ce(name: str, inputs: LossInputs, *, divergence: str, tempera
     if ce_weight > 0.0:
         terms["ce"] = out.ce_sum
     return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
+
+
+def sparse_mix_with_ce(name: str, inputs: LossInputs, *, divergence: str, temperature: float, ce_weight: float,
+                       kernel: str, tail: str, taid_t: Optional[float] = None, **divergence_kwargs) -> LossOutput:
+    """`dense_mix_with_ce` against a stored top-k teacher (``inputs.teacher_sparse``): the divergence over its
+    K + 1 buckets (kd.losses.functional.sparse_divergence; TAID: sparse_taid_kl with ``taid_t``). kernel "eager":
+    the reference formula with autograd; otherwise `kd.ops.sparse_loss` (gradient in the same pass)."""
+    target: SparseTarget = inputs.teacher_sparse
+    mask = loss_token_mask(inputs.labels)
+    if kernel == "eager":
+        if taid_t is None:
+            per_token = sparse_divergence(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob,
+                                          divergence=divergence, temperature=temperature, tail=tail,
+                                          **divergence_kwargs)
+        else:
+            per_token = sparse_taid_kl(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob,
+                                       taid_t, temperature=temperature, tail=tail)
+        return mix_with_ce(name, masked_sum(per_token, mask), inputs, mask, ce_weight)
+    out = sparse_loss(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob, mask, inputs.labels,
+                      divergence=divergence, temperature=temperature, ce_weight=ce_weight, taid_t=taid_t,
+                      grad_scale=inputs.grad_scale, backend=kernel, tail=tail, **divergence_kwargs)
+    return _terms_output(name, out, ce_weight)
+
+
+def fused_linear_sparse_mix_with_ce(name: str, inputs: FusedLinearInputs, *, divergence: str, temperature: float,
+                                    ce_weight: float, kernel: str, tail: str, taid_t: Optional[float] = None,
+                                    **divergence_kwargs) -> LossOutput:
+    """`fused_linear_mix_with_ce` against ``inputs.teacher_sparse``: `kd.ops.fused_linear_sparse` (the student's
+    head inside the loop; kernel "eager" runs its torch path, as the dense fused loss does)."""
+    target: SparseTarget = inputs.teacher_sparse
+    out = fused_linear_sparse(inputs.student_hidden, inputs.student_weight, target.ids, target.logprobs,
+                              target.tail_logprob, loss_token_mask(inputs.labels), inputs.labels,
+                              divergence=divergence, temperature=temperature, taid_t=taid_t, ce_weight=ce_weight,
+                              vocab_size=inputs.vocab_size, tail=tail,
+                              backend="torch" if kernel == "eager" else kernel, **divergence_kwargs)
+    return _terms_output(name, out, ce_weight)
+
+
+def _terms_output(name: str, out, ce_weight: float) -> LossOutput:
+    terms = {name: out.kd_sum}
+    if ce_weight > 0.0:
+        terms["ce"] = out.ce_sum
+    return LossOutput(loss_sum=out.loss, num_tokens=out.num_tokens, terms=terms)
+
+
+def check_sparse_tail(tail: str) -> str:
+    if tail not in SPARSE_TAILS:
+        raise UserError(f"sparse_tail must be one of {', '.join(SPARSE_TAILS)}, got {tail!r}", key="loss.sparse_tail")
+    return tail
 
 
 def _check_divergence_kwargs(divergence: str, kwargs: dict) -> None:
@@ -52,15 +103,19 @@ class DivergenceLoss(DistillationLoss):
         kernel: backend of `kd.ops.dense_loss`: "auto" (Triton on CUDA, else the torch path with closed-form
             gradients, computed with the loss, and bounded fp32 memory), "triton", "torch", or "eager" for the plain
             `kd.losses.functional` formula (the spec; autograd through every op, full fp32 copies of the logits).
+        sparse_tail: with a stored top-k teacher (``inputs.teacher_sparse``): "bucket" keeps its tail mass as one
+            more bucket (the student's: 1 - its mass on the k ids), "renormalize" renormalizes both sides over the
+            k ids and ignores the tail (axolotl's behaviour).
         **divergence_kwargs: the divergence's own knobs (``beta`` for jsd, ``alpha`` for the skew KLs).
     """
 
     needs_teacher = True
     needs_hidden_states = False
     supports_fused_linear = True
+    teacher_signals = ("dense", "sparse")
 
     def __init__(self, divergence: str, temperature: float = 1.0, ce_weight: float = 0.0, kernel: str = "auto",
-                 **divergence_kwargs: float):
+                 sparse_tail: str = "bucket", **divergence_kwargs: float):
         super().__init__()
         if divergence not in DIVERGENCES:
             raise UserError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}", key="loss.name")
@@ -74,12 +129,18 @@ class DivergenceLoss(DistillationLoss):
         self.ce_weight = float(ce_weight)
         self.divergence_kwargs = dict(divergence_kwargs)
         self.kernel = kernel
+        self.sparse_tail = check_sparse_tail(sparse_tail)
         self._fn = DIVERGENCES[divergence]
 
     def forward(self, inputs: LossInputs) -> LossOutput:
         """Sum the mixed per-token loss over the loss tokens of this micro-batch."""
+        if inputs.teacher_sparse is not None:
+            return sparse_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
+                                      ce_weight=self.ce_weight, kernel=self.kernel, tail=self.sparse_tail,
+                                      **self.divergence_kwargs)
         if inputs.teacher_logits is None:
-            raise ValueError(f"{self.divergence} needs teacher_logits (the trainer must run the teacher)")
+            raise ValueError(f"{self.divergence} needs teacher_logits or teacher_sparse (the trainer must run the "
+                             "teacher or read its store)")
         if self.kernel == "eager":
             mask = loss_token_mask(inputs.labels)
             per_token = self._fn(inputs.student_logits, inputs.teacher_logits, temperature=self.temperature,
@@ -93,13 +154,19 @@ class DivergenceLoss(DistillationLoss):
 
     def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:
         """The same loss from hidden states and lm_head weights (`kd.ops.fused_linear_divergence`: the logits exist
-        only a block of rows at a time)."""
+        only a block of rows at a time); against a stored top-k teacher, `kd.ops.fused_linear_sparse`."""
+        if inputs.teacher_sparse is not None:
+            return fused_linear_sparse_mix_with_ce("kd", inputs, divergence=self.divergence,
+                                                   temperature=self.temperature, ce_weight=self.ce_weight,
+                                                   kernel=self.kernel, tail=self.sparse_tail,
+                                                   **self.divergence_kwargs)
         return fused_linear_mix_with_ce("kd", inputs, divergence=self.divergence, temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, **self.divergence_kwargs)
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self.divergence_kwargs.items())
-        return f"divergence={self.divergence}, temperature={self.temperature}, ce_weight={self.ce_weight}{extra}"
+        return (f"divergence={self.divergence}, temperature={self.temperature}, ce_weight={self.ce_weight}{extra}, "
+                f"sparse_tail={self.sparse_tail}")
 
 
 class CrossEntropyLoss(DistillationLoss):

@@ -33,7 +33,7 @@ def _divergence_factory(name: str) -> Callable[[LossConfig], DistillationLoss]:
 
     def build(cfg: LossConfig) -> DistillationLoss:
         return DivergenceLoss(name, temperature=cfg.temperature, ce_weight=cfg.ce_weight, kernel=cfg.kernel,
-                              **{k: getattr(cfg, k) for k in knobs})
+                              sparse_tail=cfg.sparse_tail, **{k: getattr(cfg, k) for k in knobs})
 
     return build
 

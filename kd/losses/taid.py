@@ -48,7 +48,8 @@ from kd.config.schema import LossConfig
 from kd.errors import UserError
 from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossContext, LossInputs, LossOutput,
                             fused_linear_mix_with_ce, loss_token_mask, masked_sum, mix_with_ce)
-from kd.losses.divergence import dense_mix_with_ce
+from kd.losses.divergence import (check_sparse_tail, dense_mix_with_ce, fused_linear_sparse_mix_with_ce,
+                                  sparse_mix_with_ce)
 from kd.losses.functional import taid_kl
 
 # Guard of the relative change against J_prev = 0, as in the paper.
@@ -76,6 +77,8 @@ class TAIDLoss(DistillationLoss):
     needs_teacher = True
     needs_hidden_states = False
     supports_fused_linear = True
+    # A stored top-k teacher too: p_t is then the log-space mix of the K + 1 buckets (functional.sparse_taid_kl).
+    teacher_signals = ("dense", "sparse")
     # The metric on_step_end reads J from: the trainer logs term "taid" as "train/taid" (global token mean).
     J_KEY = "train/taid"
 
@@ -91,6 +94,7 @@ class TAIDLoss(DistillationLoss):
         self.alpha, self.beta = float(taid.alpha), float(taid.beta)
         self.adaptive = bool(taid.adaptive)
         self.kernel = cfg.kernel  # "auto" | "triton" | "torch": the backend of kd.ops.dense_loss; "eager": taid_kl
+        self.sparse_tail = check_sparse_tail(cfg.sparse_tail)  # a stored teacher's tail: bucket | renormalize
         self.total_steps = int(context.total_steps)
         # Schedule state (host floats; see get_extra_state).
         self.t = self.t_start
@@ -101,8 +105,13 @@ class TAIDLoss(DistillationLoss):
     # ------------------------------------------------------------------ loss
     def forward(self, inputs: LossInputs) -> LossOutput:
         """Sum the mixed per-token loss over this micro-batch's loss tokens at the current t."""
+        if inputs.teacher_sparse is not None:
+            return sparse_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
+                                      ce_weight=self.ce_weight, kernel=self.kernel, tail=self.sparse_tail,
+                                      taid_t=self.t)
         if inputs.teacher_logits is None:
-            raise ValueError("taid needs teacher_logits (the trainer must run the teacher)")
+            raise ValueError("taid needs teacher_logits or teacher_sparse (the trainer must run the teacher or read "
+                             "its store)")
         # KL(p_t || q) per token; rows outside the mask give 0 and no gradient. t is a host float: no sync.
         if self.kernel == "eager":  # the reference formula (autograd through every op)
             mask = loss_token_mask(inputs.labels)
@@ -115,7 +124,12 @@ class TAIDLoss(DistillationLoss):
         return ("taid", "ce") if self.ce_weight > 0.0 else ("taid",)
 
     def fused_linear_loss(self, inputs: FusedLinearInputs) -> LossOutput:
-        """TAID from hidden states and lm_head weights (`kd.ops.fused_linear_divergence` with ``taid_t``)."""
+        """TAID from hidden states and lm_head weights (`kd.ops.fused_linear_divergence` with ``taid_t``; against a
+        stored teacher `kd.ops.fused_linear_sparse`)."""
+        if inputs.teacher_sparse is not None:
+            return fused_linear_sparse_mix_with_ce("taid", inputs, divergence="forward_kl",
+                                                   temperature=self.temperature, ce_weight=self.ce_weight,
+                                                   kernel=self.kernel, tail=self.sparse_tail, taid_t=self.t)
         return fused_linear_mix_with_ce("taid", inputs, divergence="forward_kl", temperature=self.temperature,
                                  ce_weight=self.ce_weight, kernel=self.kernel, taid_t=self.t)
 
