@@ -13,7 +13,7 @@ Per row (the math is kd.ops.sparse_torch's docstring; the eager spec kd.losses.f
 
 Which entries are stored: the host sorts each row's ids (and log-probs with them), so the ids inside a block of BLOCK
 vocabulary entries are a contiguous run of the sorted list, found by counting; the block's lanes are compared with
-those ids only, K x BLOCK compares per row in all. The gradient goes to ``g`` in the student dtype (a separate
+those ids only (picked out of the id vector in registers), K x BLOCK compares per row in all. The gradient goes to ``g`` in the student dtype (a separate
 buffer, or the student block itself on the fused-linear path: what pass C overwrites is never read again; the
 stored entries' logits were gathered before). Every reduction is fp32.
 """
@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kd.ops import row_math as rm
-from kd.ops.dense_kl import _as_rows, _row_offset, _rows, launch_config, tau_tensor
+from kd.ops.dense_kl import Launch, _as_rows, _row_offset, _rows, launch_config, tau_tensor
 from kd.ops.spec import DivergenceSpec
 
 NO_ID: tl.constexpr = tl.constexpr(1 << 30)  # padding lanes of the id vector: never inside a block
@@ -33,25 +33,27 @@ EMPTY: tl.constexpr = tl.constexpr(-1e4)  # log-mass of a bucket empty on both s
 
 
 @triton.jit
-def _stored_lanes(ids_row, idv, offs, lo, BLOCK: tl.constexpr):
-    """Boolean [BLOCK]: which lanes ``offs`` (entries lo .. lo + BLOCK) are among the row's sorted stored ids."""
+def _stored_lanes(idv, offs, lo, BLOCK: tl.constexpr):
+    """Boolean [BLOCK]: which lanes ``offs`` (entries lo .. lo + BLOCK) are among the row's sorted stored ids
+    ``idv`` (in registers: each id of the block is picked out of the vector, not loaded again)."""
     j0 = tl.sum((idv < lo).to(tl.int32), axis=0)
     j1 = tl.sum((idv < lo + BLOCK).to(tl.int32), axis=0)
+    lanes = tl.arange(0, idv.shape[0])
     hit = offs < 0
     for j in range(j0, j1):
-        hit = hit | (offs == tl.load(ids_row + j))
+        hit = hit | (offs == tl.sum(tl.where(lanes == j, idv, 0), axis=0))
     return hit
 
 
 @triton.jit
-def _rest_block(m_r, z_r, m_1, z_1, s_row, ids_row, idv, lo, V, scale, CE_SEPARATE: tl.constexpr,
+def _rest_block(m_r, z_r, m_1, z_1, s_row, idv, lo, V, scale, CE_SEPARATE: tl.constexpr,
                 MASKED: tl.constexpr, BLOCK: tl.constexpr):
     offs = lo + tl.arange(0, BLOCK)
     if MASKED:
         zs = tl.load(s_row + offs, mask=offs < V, other=0.0).to(tl.float32)
     else:
         zs = tl.load(s_row + offs).to(tl.float32)
-    r2 = tl.where(_stored_lanes(ids_row, idv, offs, lo, BLOCK), float("-inf"), zs * scale)
+    r2 = tl.where(_stored_lanes(idv, offs, lo, BLOCK), float("-inf"), zs * scale)
     if MASKED:
         r2 = tl.where(offs < V, r2, float("-inf"))
     new_r = tl.maximum(m_r, tl.max(r2, axis=0))
@@ -132,10 +134,10 @@ def _sparse_rows_kernel(s_ptr, s_l, s_sb, s_sl, g_ptr, g_l, g_sb, g_sl, ids_ptr,
         z_1 = z_r
         if (not RENORM) or CE:
             for i in range(0, n_full):
-                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, ids_row, idv, i * BLOCK, V, scale,
+                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, idv, i * BLOCK, V, scale,
                                                  CE_SEPARATE, False, BLOCK)
             if n_full * BLOCK < V:
-                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, ids_row, idv, n_full * BLOCK, V,
+                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, idv, n_full * BLOCK, V,
                                                  scale, CE_SEPARATE, True, BLOCK)
         lse_r = m_r + tl.log2(z_r)  # -inf when every entry is stored
         hi = tl.maximum(lse_r, lse_top)
@@ -205,30 +207,39 @@ def _sorted_rows(ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
     return ids.to(torch.int32).contiguous(), logprobs.reshape(-1, k).gather(-1, order).float().contiguous()
 
 
+def sparse_rows_launch(student: Tensor, grad: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor,
+                       mask: Tensor, labels: Tensor, spec: DivergenceSpec, tail: str, kd_weight: float,
+                       ce_weight: float, config: dict) -> tuple[Launch, Tensor, Tensor]:
+    """The kernel on `_as_rows` logits (``grad`` laid out like them, or ``student`` itself), each row's ids sorted
+    ascending (`_sorted_rows`), flat mask / labels / tail: (launch, kd rows [N] fp32, ce rows [N] fp32), as
+    kd.ops.dense_kl.rows_launch (kd.ops.aot compiles the same launches ahead of time)."""
+    n, device = mask.numel(), student.device
+    kd = torch.empty(n, dtype=torch.float32, device=device)
+    ce = torch.empty_like(kd)
+    tau, taid = tau_tensor(spec, student)
+    use_ce = ce_weight > 0.0
+    log_b, log_1mb = spec.log_beta
+    k = ids.shape[-1]
+    args = (*_rows(student), *_rows(grad), ids, logprobs, tail_logprob, mask.contiguous().view(torch.uint8),
+            labels.contiguous(), kd, ce, tau, student.shape[-1], k, rm.LOG2E.value / spec.temperature,
+            kd_weight / spec.temperature, ce_weight, spec.beta, max(log_b, -1e30), max(log_1mb, -1e30), spec.alpha)
+    constexprs = dict(DIV=rm.CODES[spec.name], TAID=taid, CE=use_ce, CE_SEPARATE=use_ce and spec.temperature != 1.0,
+                      RENORM=tail == "renormalize", KB=triton.next_power_of_2(k + 1))
+    return Launch(_sparse_rows_kernel, (n,), args, {**constexprs, **config}), kd, ce
+
+
 def sparse_pass_triton(student: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor,
                        labels: Tensor, spec: DivergenceSpec, tail: str, kd_weight: float, ce_weight: float,
                        grad: Tensor) -> tuple[Tensor, Tensor]:
     """`kd.ops.sparse_torch.sparse_pass` on the GPU: one launch, one program per row (same contract; ``grad`` may
     be ``student`` itself: in place)."""
     student = _as_rows(student)
-    mask, labels = mask.reshape(-1), labels.reshape(-1)
-    n, device = mask.numel(), student.device
-    kd = torch.empty(n, dtype=torch.float32, device=device)
-    ce = torch.empty_like(kd)
-    if n == 0:
-        return kd, ce
     ids, logprobs = _sorted_rows(ids, logprobs)
-    tau, taid = tau_tensor(spec, student)
-    use_ce = ce_weight > 0.0
-    log_b, log_1mb = spec.log_beta
-    k = ids.shape[-1]
-    _sparse_rows_kernel[(n,)](
-        *_rows(student), *_rows(grad), ids, logprobs, tail_logprob.reshape(-1).float().contiguous(),
-        mask.contiguous().view(torch.uint8), labels.contiguous(), kd, ce, tau, student.shape[-1], k,
-        rm.LOG2E.value / spec.temperature, kd_weight / spec.temperature, ce_weight, spec.beta, max(log_b, -1e30),
-        max(log_1mb, -1e30), spec.alpha, DIV=rm.CODES[spec.name], TAID=taid, CE=use_ce,
-        CE_SEPARATE=use_ce and spec.temperature != 1.0, RENORM=tail == "renormalize",
-        KB=triton.next_power_of_2(k + 1), **launch_config(device))
+    launch, kd, ce = sparse_rows_launch(student, grad, ids, logprobs, tail_logprob.reshape(-1).float().contiguous(),
+                                        mask.reshape(-1), labels.reshape(-1), spec, tail, kd_weight, ce_weight,
+                                        launch_config(student.device))
+    if mask.numel():
+        launch()
     return kd, ce
 
 
