@@ -86,6 +86,23 @@ class MetricsLogger:
         elif step % self.log_interval == 0:
             self.print(f"step {step}/{self._total_steps} loss {scalars.get('loss', float('nan')):.4f} eta {self._eta(step)}")
 
+    def log_histograms(self, step: int, histograms: dict[str, tuple[list[float], list[float]]]) -> None:
+        """TensorBoard histograms of discrete values: {tag: (values, counts)} (e.g. a fusion's a* per expert). Each
+        value gets its own bucket (right edge halfway to the next value); nothing goes to the JSONL."""
+        if not self.enabled:
+            return
+        for tag, (values, counts) in histograms.items():
+            pairs = sorted((v, c) for v, c in zip(values, counts))
+            num = sum(c for _, c in pairs)
+            if num <= 0:
+                continue
+            seen = [v for v, c in pairs if c > 0]
+            xs = [v for v, _ in pairs]
+            edges = [(a + b) / 2 for a, b in zip(xs, xs[1:])] + [xs[-1] + (xs[-1] - xs[-2] if len(xs) > 1 else 1.0) / 2]
+            self._tb.add_histogram_raw(tag, min=seen[0], max=seen[-1], num=num, sum=sum(v * c for v, c in pairs),
+                                       sum_squares=sum(v * v * c for v, c in pairs), bucket_limits=edges,
+                                       bucket_counts=[c for _, c in pairs], global_step=step)
+
     def log_eval(self, step: int, scalars: dict[str, float]) -> None:
         """Eval results go to TensorBoard now and into the JSONL record of the same step; an eval with no training
         step of its own (the step-0 baseline) gets a record of its own."""

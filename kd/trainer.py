@@ -188,6 +188,8 @@ class Trainer:
         scalars = self.runner.step(batches, self.step + 1, t_step)
         if hasattr(self.producer, "step_scalars"):
             scalars.update(self.producer.step_scalars())
+        if getattr(self.runner, "histograms", None):  # a fusion teacher's a* per expert (kd.fusion.stats)
+            self.metrics.log_histograms(self.step + 1, self.runner.histograms)
         if hasattr(self.producer, "step_samples"):  # generated pairs for people to read (on_policy.sample_interval)
             self.metrics.log_samples(self.step + 1, self.producer.step_samples())
         if scalars.pop("applied"):

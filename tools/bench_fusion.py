@@ -18,11 +18,13 @@ n = min(chunk_rows, N) rows, compute in fp32 = 4 bytes, the models' logits in s 
   - while the chunk is built (one expert at a time): z_S in fp32 (c), log Q and Q (2), the expert's copy that becomes
     its d_t, log Q_t (turned into log Q_t - log Q in place) and Q_t (2 beyond the d's): at most T + 2c + 4 blocks;
     P (1) is made only after z_S, log Q and Q are freed, so T + c + 1 then;
-  - while one candidate is scored: f(a) (1), logsumexp's shifted copy (1) and the softmax of f (1), the row products
-    being batched matrix products (no block): T + c + 3; coordinate descent (joint, T > 2) also keeps the other
-    experts' sum and its shifted copy (+2): T + c + 5. The previous chunk is freed before the next is built.
-  Peak extra <= N V s + (T + 2c + 4 + e) n V 4 bytes, e = 1 in coordinate descent else 0 (for fp32 logits:
-  (T + 4) blocks beyond the result, the figure the recipe reference gives for chunk_rows).
+  - while one candidate is scored: f(a) (1), turned into exp(f - max f) in place, the row sums and products being
+    reductions and batched matrix products (no block): T + c + 1; coordinate descent (joint, T > 2) also keeps the
+    other experts' sum and, for a_t = 0, scores it through a copy (+2): T + c + 3; the final f(a*) is kept and
+    scored through a copy: T + c + 2. The previous chunk is freed before the next is built.
+  Peak extra <= N V s + (T + 2c + 4) n V 4 bytes + 8 (4 T + 16) N bytes for the per-row vectors (weights, J, KLs,
+  targets, the best-so-far state). For fp32 logits: (T + 4) blocks beyond the result, the figure the recipe reference
+  gives for chunk_rows.
 On CUDA the peak is torch.cuda.max_memory_allocated over the solve; on CPU it is the running sum of the allocations
 and frees that the PyTorch profiler records during the solve (profile_memory=True), which counts the same bytes.
 """
@@ -146,8 +148,8 @@ def main(argv=None) -> dict:
 
     n_rows, chunk = args.batch * args.seq, min(args.chunk_rows, args.batch * args.seq)
     cast = 0 if dtype == torch.float32 else 1
-    descent = 1 if args.mode == "joint" and args.experts > 2 else 0
-    bound = n_rows * vocab * flat[0].element_size() + (args.experts + 2 * cast + 4 + descent) * chunk * vocab * 4
+    bound = (n_rows * vocab * flat[0].element_size() + (args.experts + 2 * cast + 4) * chunk * vocab * 4
+             + 8 * (4 * args.experts + 16) * n_rows)
     med = {k: statistics.median(v) for k, v in (("models", t_models), ("fused", t_fused), ("solve", t_solve))}
     summary = {
         "size": args.size, "device": str(device), "dtype": args.dtype, "mode": args.mode, "experts": args.experts,

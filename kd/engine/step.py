@@ -35,6 +35,7 @@ class StepRunner:
         self.world = dist.world_size()
         self.skip_update = False  # the step's loss was non-finite: ZeRO-0's optimizer must not apply it
         self.term_names: Optional[tuple[str, ...]] = None  # the loss's logged terms, fixed at the first micro-batch
+        self.histograms: dict[str, tuple[list[float], list[float]]] = {}  # the last step's, from the source's stats
         if hasattr(engine.optimizer, "check_grad_overflow"):
             # ZeRO-1/2 only check fp16/bf16 gradients by default; checking fp32 too makes DeepSpeed skip (not apply)
             # a step whose gradient norm is NaN/inf. ZeRO-3 always checks.
@@ -94,9 +95,11 @@ class StepRunner:
         scalars: dict[str, Any] = {"loss": totals[0], **{f"train/{k}": v for k, v in zip(names, totals[1:])}}
         if teacher_stats is not None:  # one all-reduce of a few sums, then the source's own means
             stat_names, _ = self.teacher.last_stats_vector()
-            from kd.fusion.stats import summary
+            from kd.fusion.stats import histograms, summary
 
-            scalars.update(summary(dict(zip(stat_names, dist.all_reduce_sum(teacher_stats).tolist()))))
+            summed = dict(zip(stat_names, dist.all_reduce_sum(teacher_stats).tolist()))
+            scalars.update(summary(summed))
+            self.histograms = histograms(summed)  # a* per expert, for TensorBoard (the trainer logs them)
         scalars["lr"] = float(self.engine.get_lr()[0])
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:

@@ -103,13 +103,14 @@ class _Chunk:
 
     With g = f(a) - z_L = sum_t a_t d_t and lse_f = logsumexp(f(a)), log P~ - log P = g - (lse_f - lse_L), so
         KL(P~ || P) = E_P~[g] - (lse_f - lse_L),      KL(P || P~) = (lse_f - lse_L) - E_P[g],
-    E_P[g] = sum_t a_t m_t is known for free, and a candidate costs one logsumexp, one exp and one dot product with
-    each active d_t over V: no log-softmax, and no [n, V] tensor of P or log P kept (see tools/bench_fusion.py for
-    the memory this leaves)."""
+    E_P[g] = sum_t a_t m_t is known for free, and with u = exp(f - max f) (in place of f when f is a scratch copy),
+    lse_f = max f + log sum u and E_P~[d_t] = (u . d_t) / sum u: a candidate costs a max, one exp, one sum and one
+    dot product per active d_t over V, and one [n, V] block (see tools/bench_fusion.py for the memory bound)."""
 
     def __init__(self, large, small, experts, dtype):
         self.z_large = large.to(dtype)
-        self.lse_large = torch.logsumexp(self.z_large, -1)
+        # the same ops as every candidate's lse (_exp_shifted), so that a = 0 gives lse_f == lse_L bit for bit
+        self.lse_large = _exp_shifted(self.z_large, consume=False)[1]
         z_small = small.to(dtype)
         log_q = torch.log_softmax(z_small, -1)
         q = log_q.exp()
@@ -132,17 +133,17 @@ class _Chunk:
         self.num = len(experts)
         self.rows = large.shape[0]
 
-    def objective(self, f: torch.Tensor, a) -> tuple[torch.Tensor, torch.Tensor]:
-        """J and KL(P~ || P) for fused logits f = f(a) [n, V]; `a`: constant weights (floats) or per-row [n, T]."""
-        lse = torch.logsumexp(f, -1)
-        p_fused = (f - lse[:, None]).exp_()
+    def objective(self, f: torch.Tensor, a, *, consume: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """J and KL(P~ || P) for fused logits f = f(a) [n, V]; `a`: constant weights (floats) or per-row [n, T].
+        ``consume``: f is scratch, overwritten (no second [n, V] block)."""
+        u, lse, total = _exp_shifted(f, consume=consume)
         g_fused = torch.zeros_like(lse)  # E_P~[g]
         g_large = torch.zeros_like(lse)  # E_P[g]
         for t, d in enumerate(self.d):
             c = a[t] if not torch.is_tensor(a) else a[:, t]
             if (c == 0) if not torch.is_tensor(c) else not bool((c != 0).any()):
                 continue  # skipped terms: a = 0 gives KL = 0 exactly (lse == lse_L bit for bit)
-            g_fused += c * _dot(p_fused, d)
+            g_fused += c * _dot(u, d) / total
             g_large += c * self.m[:, t]
         shift = lse - self.lse_large
         # clamp: both are KLs (>= 0); the rounding of lse_f - lse_L may leave -1e-7 where the fused model barely moved
@@ -162,18 +163,18 @@ class _Chunk:
         return f
 
     def _fused_const(self, a: Sequence[float]) -> torch.Tensor:
-        f = self.z_large.clone()
+        f = None
         for c, d in zip(a, self.d):
-            if c != 0:
-                f.add_(d, alpha=c)
-        return f
+            if c != 0:  # the first term makes the copy: z_L + c d in one op, not a clone and an add
+                f = torch.add(self.z_large, d, alpha=c) if f is None else f.add_(d, alpha=c)
+        return self.z_large.clone() if f is None else f
 
     def best_of(self, candidates: Sequence[Sequence[float]]) -> torch.Tensor:
         """Per row, the first candidate (in the given order) with the lowest J: [n, T]."""
         best_j = torch.full((self.rows,), float("inf"), dtype=self.z_large.dtype, device=self.z_large.device)
         best = torch.zeros(self.rows, dtype=torch.long, device=self.z_large.device)
         for k, a in enumerate(candidates):
-            j, _ = self.objective(self._fused_const(a), a)
+            j, _ = self.objective(self._fused_const(a), a, consume=True)
             better = j < best_j  # strict: an equal J later in the order does not replace an earlier candidate
             best_j = torch.where(better, j, best_j)
             best = torch.where(better, k, best)
@@ -201,7 +202,7 @@ class _Chunk:
                     f = base if c == 0 else torch.add(base, self.d[t], alpha=c)
                     col = others.clone()
                     col[:, t] = c
-                    j, _ = self.objective(f, col)
+                    j, _ = self.objective(f, col, consume=c != 0)  # base itself is needed for the next c
                     better = j < best_j
                     best_j = torch.where(better, j, best_j)
                     best = torch.where(better, k, best)
@@ -209,6 +210,14 @@ class _Chunk:
             if torch.equal(a, before):  # one host sync per sweep, not per position
                 break
         return a
+
+
+def _exp_shifted(f: torch.Tensor, *, consume: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u, lse, sum u): u = exp(f - max f) [n, V] (in f's own storage when ``consume``), lse = logsumexp(f) [n]."""
+    top = f.amax(-1, keepdim=True)
+    u = (f.sub_(top) if consume else f - top).exp_()
+    total = u.sum(-1)
+    return u, top.squeeze(-1) + total.log(), total
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,9 @@ class FusionTeacher:
         self.cfg = cfg
         self.grid = grid_points(cfg.grid.low, cfg.grid.high, cfg.grid.step)
         self.vocab_size = vocab_size
+        self.weight_values = fstats.weight_values(self.grid, cfg.static_weights if cfg.mode == "static" else None)
+        if cfg.mode == "static" and cfg.static_weights is None:
+            self.weight_values = [1.0]  # the solver's default: 1 per expert
         self._last = None
         self._info = TeacherInfo(
             name=name or f"fusion of {large.info.name} + {len(self.experts)} expert(s) over {small.info.name}",
@@ -69,7 +72,7 @@ class FusionTeacher:
         # cut + reshape copies a padded head's logits, and the model's own [B, L, V_model] tensor is freed right away
         flat = [m(batch, dense).logits[..., :vocab].reshape(-1, vocab) for m in (self.large, self.small, *self.experts)]
         result = self.solve(flat[0], flat[1], flat[2:])
-        self._last = fstats.batch_stats(result, batch.get("attention_mask"))
+        self._last = fstats.batch_stats(result, batch.get("attention_mask"), self.weight_values)
         return TeacherOutput(logits=result.logits.view(shape))
 
     def solve(self, large: torch.Tensor, small: torch.Tensor, experts: Sequence[torch.Tensor]) -> FusionResult:
@@ -90,7 +93,7 @@ class FusionTeacher:
     def last_stats_vector(self) -> tuple[list[str], torch.Tensor | None]:
         """The same as names + one fp64 vector on the models' device (no host sync): add it up over a step's
         micro-batches and all-reduce it (sum) as one tensor; None before the first call."""
-        return fstats.stat_names(len(self.experts)), self._last
+        return fstats.stat_names(len(self.experts), self.weight_values), self._last
 
 
 def _sections(recipe: Recipe) -> list[tuple[str, str, ModelSource]]:

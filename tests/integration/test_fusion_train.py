@@ -34,6 +34,20 @@ def _check(run_dir):
         fractions = [r[f"fusion/active_fraction/{t}"] for t in range(2)]
         assert all(0.0 <= f <= 1.0 for f in fractions) and sum(fractions) <= 1.0 + 1e-9  # single: one expert a row
         assert 0.0 <= r["fusion/weight_mean/0"] <= 2.0 and r["fusion/kl_fused_large_mean"] >= 0.0
+    # the a* histograms, one per expert and step, each counting every real position of the step once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert set(acc.Tags()["histograms"]) == {"fusion/weight_hist/0", "fusion/weight_hist/1"}
+    nums = []
+    for t in range(2):
+        events = acc.Histograms(f"fusion/weight_hist/{t}")
+        assert [e.step for e in events] == [1, 2]
+        for e, r in zip(events, records):  # the histogram's mean is the logged mean a*
+            assert e.histogram_value.sum / e.histogram_value.num == pytest.approx(r[f"fusion/weight_mean/{t}"])
+        nums.append([e.histogram_value.num for e in events])
+    assert nums[0] == nums[1] and min(nums[0]) > 0  # every position counted once per expert
 
 
 def test_a_fusion_teacher_trains_a_student_in_one_process(tmp_path):

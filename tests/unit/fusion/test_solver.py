@@ -197,3 +197,43 @@ def test_bad_solver_arguments_refused():
         assert err.value.key == key
     with pytest.raises(ValueError, match="expert 0"):
         fuse_logits(large, small, [exp[0][:, :5]])
+
+
+def paper_single(zl, zs, zt, grid):
+    """The paper's one-expert search, literally: for each expert t the best a_t on the grid with the others at 0
+    (ties: the smaller |a_t|), then the expert whose objective is lowest (ties: the earlier expert)."""
+    best = None
+    for t in range(len(zt)):
+        scored = [(row_objective(zl, zs, zt, tuple(c if u == t else 0.0 for u in range(len(zt))))[0], abs(c), c)
+                  for c in grid]
+        j, _, c = min(scored)
+        if best is None or j < best[0]:
+            best = (j, tuple(c if u == t else 0.0 for u in range(len(zt))))
+    return best[1]
+
+
+def test_single_is_the_papers_two_stage_search():
+    large, small, experts = logits(7, experts=3)
+    res = fuse_logits(large, small, experts, mode="single", grid=DEFAULT_GRID, compute_dtype=torch.float64)
+    rows = [paper_single(large[n], small[n], [e[n] for e in experts], DEFAULT_GRID) for n in range(N)]
+    check(res, large, small, experts, rows)
+
+
+def test_single_with_an_expert_equal_to_the_small_base_follows_the_other():
+    """Expert 0 = the small base: its terms never change with a_0 (d_0 = 0), so a_0 = 0 always, and the search is
+    the other expert's alone: a_1 where it lowers J below J(0) (a_1's own best), else a = 0."""
+    large, small, experts = logits(8, experts=1)
+    res = fuse_logits(large, small, [small.clone(), experts[0]], mode="single", grid=DEFAULT_GRID,
+                      compute_dtype=torch.float64)
+    alone = fuse_logits(large, small, [small.clone(), experts[0]], mode="joint", grid=(0.0,) + DEFAULT_GRID[1:],
+                        compute_dtype=torch.float64)
+    assert (res.weights[:, 0] == 0).all() and torch.equal(res.weights, alone.weights)
+    rows = [paper_single(large[n], small[n], [small[n], experts[0][n]], DEFAULT_GRID) for n in range(N)]
+    check(res, large, small, [small, experts[0]], rows)
+    assert set(res.selected.tolist()) <= {-1, 1} and (res.selected == 1).any()
+
+
+def test_single_with_two_identical_experts_picks_the_first():
+    large, small, experts = logits(9, experts=1)
+    res = fuse_logits(large, small, [experts[0], experts[0].clone()], mode="single", compute_dtype=torch.float64)
+    assert (res.weights[:, 1] == 0).all() and (res.selected != 1).all() and (res.selected == 0).any()
