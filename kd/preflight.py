@@ -130,6 +130,11 @@ def check_models(recipe: Recipe) -> Any:
 
 
 def prepare_data(recipe: Recipe, tokenizer: Any) -> None:
+    """Tokenize once into the datasets cache (ranks then read it), and check a teacher store against the samples."""
     from kd.data import build_datasets
 
-    build_datasets(recipe.data, tokenizer, seed=recipe.train.seed, resolve_path=resolve)
+    train, evaluation = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed, resolve_path=resolve)
+    if recipe.teacher.store is not None:
+        from kd.teachers.store import checked_manifest
+
+        checked_manifest(recipe, tokenizer, {"train": train, "eval": evaluation})

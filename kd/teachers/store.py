@@ -148,15 +148,23 @@ class StoreTeacher:
         yield  # pragma: no cover
 
 
-def build_store_teacher(recipe: Any, *, device: torch.device, resolve_path, tokenizer: Any, splits: dict[str, Any]
-                        ) -> StoreTeacher:
-    """The store the recipe names, checked against the run (tokenizer, data, temperature, vocabulary, teacher)."""
-    from kd.models import source_config
+def checked_manifest(recipe: Any, tokenizer: Any, splits: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the store the recipe names, after checking it against the run (tokenizer, data, temperature,
+    vocabulary, teacher) and that its shards are all there. `kd train` calls this before it starts any rank."""
     from kd.store.identity import expected_identity
 
     store_dir = os.path.abspath(recipe.teacher.store)
     manifest = read_manifest(store_dir)
-    config = source_config(recipe.teacher, section="teacher", resolve_path=resolve_path)
     expected = expected_identity(recipe, tokenizer, len(tokenizer), splits.get("train"), splits.get("eval"))
     check_store(store_dir, manifest, expected)
-    return StoreTeacher(store_dir, manifest, splits, device=device, config=config)
+    return manifest
+
+
+def build_store_teacher(recipe: Any, *, device: torch.device, resolve_path, tokenizer: Any, splits: dict[str, Any]
+                        ) -> StoreTeacher:
+    """The store the recipe names as a teacher source (checked by `checked_manifest`)."""
+    from kd.models import source_config
+
+    manifest = checked_manifest(recipe, tokenizer, splits)
+    config = source_config(recipe.teacher, section="teacher", resolve_path=resolve_path)
+    return StoreTeacher(os.path.abspath(recipe.teacher.store), manifest, splits, device=device, config=config)
