@@ -11,11 +11,18 @@ was allocated before the call: inputs excluded, gradients and temporaries includ
   floor = one elementwise pass measured in the same run that reads both logit arrays and writes one (the bytes the
   one-pass kernel must move); kd's "x floor" is issue 17's ratio (goal <= 1.25 at N = 8192, V = 128256 bf16).
 
+- sparse configs (N, V, K), a stored top-k teacher (issue 15): kd's `sparse_loss` (what DivergenceLoss runs on
+  LossInputs.teacher_sparse), the eager spec (kd.losses.functional.sparse_divergence, autograd), torch.compile of it,
+  kd's `dense_loss` on full teacher logits of the same shape (what the online teacher's loss costs), and the floor =
+  one elementwise pass that reads the student logits and writes one array (the sparse kernel's bytes: the k stored
+  entries per row are noise next to V). Default on a GPU: 8192,128256,64; on a CPU only when --sparse is given.
+
 Ratios are to the floor. kd's kernel runs every divergence (--divergences); the baselines run --baseline-divergences.
 
     python tools/bench_kernels.py                                   # the issue's configs, on a GPU (H100/H200)
     python tools/bench_kernels.py --json bench.json                 # also write every number as JSON
     python tools/bench_kernels.py --fused 64,32,48,1031 --dense 64,1031 --iters 2   # tiny, runs on a CPU too
+    python tools/bench_kernels.py --fused '' --dense '' --sparse 8192,128256,64      # only the sparse rows
 
 Without a GPU the defaults are far too large: pass tiny configs (kd then runs its torch path unless
 TRITON_INTERPRET=1 and --backend triton; CPU memory is not measured).
@@ -34,11 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd.losses.functional import DIVERGENCES  # noqa: E402
-from kd.ops import dense_loss, fused_linear_divergence  # noqa: E402
+from kd.losses.functional import DIVERGENCES, sparse_divergence  # noqa: E402
+from kd.ops import dense_loss, fused_linear_divergence, sparse_loss  # noqa: E402
 
 DEFAULT_FUSED = "8192,2048,4096,128256;16384,2048,4096,151936;4096,896,1536,151936"
 DEFAULT_DENSE = "8192,128256"
+DEFAULT_SPARSE = "8192,128256,64"  # on a GPU only (see --sparse)
 GIB = 1024 ** 3
 
 
@@ -217,6 +225,51 @@ def bench_dense(cfg, args, device, dtype, liger) -> list[dict]:
     return records
 
 
+def eager_sparse(s, ids, lp, tail, mask, name, n):
+    return torch.where(mask, sparse_divergence(s, ids, lp, tail, divergence=name), 0.0).sum() / n
+
+
+def bench_sparse(cfg, args, device, dtype) -> list[dict]:
+    n, vocab, k = cfg
+    gen = torch.Generator(device=device).manual_seed(0)
+    s = (torch.randn(n, vocab, device=device, dtype=dtype, generator=gen) * 2).requires_grad_(True)
+    t = torch.randn(n, vocab, device=device, dtype=dtype, generator=gen) * 2
+    lp_full = torch.log_softmax(t.float(), -1)
+    lp, ids = lp_full.topk(k, dim=-1)  # a store of this teacher: its top-k and the log of the rest
+    tail = torch.logsumexp(lp_full.scatter(-1, ids, float("-inf")), -1)
+    del lp_full
+    mask = torch.ones(n, dtype=torch.bool, device=device)
+    labels = torch.zeros(n, dtype=torch.long, device=device)
+    count = float(n)
+    out = torch.empty_like(t)
+    records = []
+
+    def add(method, name, result):
+        records.append({"kind": "sparse", "config": {"N": n, "V": vocab, "K": k}, "divergence": name,
+                        "method": method, **result})
+
+    must_move = 2 * n * vocab * s.element_size()  # read the student's rows, write the gradient
+    floor = measure(lambda: torch.neg(s.detach(), out=out), device, args.warmup, args.iters)
+    add("floor", "-", {**floor, "peak_extra_bytes": 0,
+                       "note": f"read one + write one: {must_move / 1e9:.2f} GB, "
+                               f"{must_move / (floor['ms'] * 1e-3) / 1e12:.2f} TB/s"})
+    for name in args.divergences:
+        add("kd", name, measure(_backward([s], lambda: sparse_loss(
+            s, ids, lp, tail, mask, labels, divergence=name, grad_scale=1.0 / count, backend=args.backend).loss
+            / count), device, args.warmup, args.iters))
+    for name in args.baseline_divergences:
+        add("eager", name, measure(_backward([s], lambda: eager_sparse(s, ids, lp, tail, mask, name, count)), device,
+                                   args.warmup, args.iters))
+        if args.compile:
+            compiled = torch.compile(eager_sparse)
+            add("torch.compile", name, measure(_backward([s], lambda: compiled(s, ids, lp, tail, mask, name, count)),
+                                               device, args.warmup, args.iters))
+        add("kd dense", name, measure(_backward([s], lambda: dense_loss(
+            s, t, mask, labels, divergence=name, grad_scale=1.0 / count, backend=args.backend).loss / count),
+            device, args.warmup, args.iters))
+    return records
+
+
 def add_ratios(records: list[dict]) -> None:
     """ratio_to_floor for every timed record; ratio_to_forward_kl for kd's other divergences."""
     floors = {(r["kind"], json.dumps(r["config"])): r["ms"] for r in records if r["method"] == "floor"}
@@ -249,6 +302,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fused", default=DEFAULT_FUSED, help="fused-linear configs N,Hs,Ht,V separated by ';'")
     parser.add_argument("--dense", default=DEFAULT_DENSE, help="dense configs N,V separated by ';'")
+    parser.add_argument("--sparse", default=None, help="sparse-target configs N,V,K separated by ';' (default: "
+                        f"{DEFAULT_SPARSE} on a GPU, none on a CPU)")
     parser.add_argument("--divergences", default=",".join(DIVERGENCES), help="divergences of kd's kernels")
     parser.add_argument("--baseline-divergences", default="forward_kl,jsd", help="divergences of the baselines")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -266,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     args.baseline_divergences = [d for d in args.baseline_divergences.split(",") if d]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fused, dense = parse_configs(args.fused, 4), parse_configs(args.dense, 2)
+    sparse = parse_configs(args.sparse if args.sparse is not None else
+                           DEFAULT_SPARSE if device.type == "cuda" else "", 3)
     if device.type == "cpu" and (args.fused == DEFAULT_FUSED or args.dense == DEFAULT_DENSE):
         raise SystemExit("no CUDA device: the default configs need a GPU; pass tiny --fused and --dense configs")
     if args.block or args.warps:
@@ -280,6 +337,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
         records += bench_fused(cfg, args, device, dtype, liger)
     for cfg in dense:
         records += bench_dense(cfg, args, device, dtype, liger)
+    for cfg in sparse:
+        records += bench_sparse(cfg, args, device, dtype)
     add_ratios(records)
     print_table(records)
     if args.json is not None:

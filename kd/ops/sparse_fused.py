@@ -26,17 +26,13 @@ from kd.ops import sparse_torch
 #  kd_weight, ce_weight) -> (kd rows [C], ce rows [C])
 SparseChunkStep = Callable[..., tuple[Tensor, Tensor]]
 
-# Rows per torch sub-block inside a chunk: ~2^16 logits, so the step's fp32 temporaries stay in cache.
-TORCH_SUB_BLOCK_ELEMENTS = 1 << 16
-
-
 def torch_sparse_chunk_step(logits: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor,
                             labels: Tensor, spec: DivergenceSpec, tail: str, kd_weight: float,
                             ce_weight: float) -> tuple[Tensor, Tensor]:
     """The chunk step of the torch path: kd.ops.sparse_torch.sparse_pass over the chunk, gradient over the logits."""
-    rows = max(1, TORCH_SUB_BLOCK_ELEMENTS // max(logits.shape[-1], 1))
+    # sub-blocks of sparse_torch's size, so the step's fp32 temporaries stay small inside a large chunk
     return sparse_torch.sparse_pass(logits, ids, logprobs, tail_logprob, mask, labels, spec, tail, kd_weight,
-                                    ce_weight, logits, rows=rows)
+                                    ce_weight, logits)
 
 
 class FusedLinearSparse(torch.autograd.Function):

@@ -30,19 +30,20 @@ import torch
 from torch import Tensor
 
 from kd.ops.spec import IGNORE_INDEX, DivergenceSpec, Scalar
-from kd.ops.torch_path import _q_grad, row_blocks, rows_per_block
+from kd.ops.torch_path import _q_grad, row_blocks
+
+# Logits per block of rows: ~2^18, larger than the dense path's 2^16 (a sparse block runs more small ops per row:
+# gathers, scatters, the [r, K + 1] bucket math), still a few MiB of fp32 temporaries.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def rows_per_block(vocab: int, rows: Optional[int] = None) -> int:
+    return rows if rows is not None else max(1, BLOCK_ELEMENTS // max(vocab, 1))
 
 NEG_INF = float("-inf")
 # The log-mass given to a bucket empty on both sides (the tail when K = V): exp of it is an exact 0 in fp32, and the
 # mixtures of jsd and the skews stay finite (as kd.losses.functional._EMPTY_LOG_MASS).
 EMPTY_LOG_MASS = -1e4
-
-
-def _lse_or_ninf(x: Tensor) -> Tensor:
-    """logsumexp over the last dim; -inf (not NaN) for a row of -inf only."""
-    shift = x.amax(-1, keepdim=True)
-    shift = torch.where(torch.isfinite(shift), shift, 0.0)
-    return (x - shift).exp().sum(-1).log() + shift.squeeze(-1)
 
 
 def taid_bucket_target(lq: Tensor, lp: Tensor, t: Scalar) -> Tensor:
@@ -88,25 +89,29 @@ def sparse_block_step(student: Tensor, ids: Tensor, logprobs: Tensor, tail_logpr
     s = z * inv_t if inv_t != 1.0 else z
     s_top = s.gather(-1, ids)
     lse_top = torch.logsumexp(s_top, -1)
-    lp_top = logprobs.float()
+    row_factor = (mask.to(torch.float32) * (kd_weight * inv_t)).unsqueeze(-1)  # 0 on ignored rows
     if tail == "renormalize":
         lse = None
-        kd, grad_b = bucket_grad(spec, s_top - lse_top.unsqueeze(-1), torch.log_softmax(lp_top, -1))
+        kd, grad_b = bucket_grad(spec, s_top - lse_top.unsqueeze(-1), torch.log_softmax(logprobs.float(), -1))
         g = torch.zeros_like(s)
     else:
-        s_rest = s.scatter(-1, ids, NEG_INF)
-        lse_rest = _lse_or_ninf(s_rest)
+        # the tail's entries: e = exp(s - shift) off the ids, its sum, and later each entry's share e / sum of the
+        # tail bucket's gradient, all from one exp pass (an empty tail, K = V: sum 0, share 0)
+        e = s.scatter(-1, ids, NEG_INF)
+        shift = e.amax(-1, keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)
+        e.sub_(shift).exp_()
+        total = e.sum(-1)
+        lse_rest = total.log() + shift.squeeze(-1)
         lse = torch.logaddexp(lse_rest, lse_top)  # two sums of positive terms: no cancellation
         lq = torch.cat([s_top - lse.unsqueeze(-1), (lse_rest - lse).unsqueeze(-1)], -1)
-        lp = torch.cat([lp_top, tail_logprob.float().unsqueeze(-1)], -1)
+        lp = torch.cat([logprobs.float(), tail_logprob.float().unsqueeze(-1)], -1)
         kd, grad_b = bucket_grad(spec, lq, lp)
-        # tail entries: their share of the tail bucket's gradient (0 where the tail is empty: exp(-inf - 0))
-        shift = torch.where(torch.isfinite(lse_rest), lse_rest, 0.0)
-        g = s_rest.sub_(shift.unsqueeze(-1)).exp_().mul_(grad_b[:, -1:])
+        share = torch.where(total > 0, grad_b[:, -1] / total, 0.0).unsqueeze(-1)
+        g = e.mul_(share * row_factor)
         grad_b = grad_b[:, :-1]
-    g.scatter_(-1, ids, grad_b)
+    g.scatter_(-1, ids, grad_b * row_factor)
     kd = torch.where(mask, kd, 0.0)
-    g.mul_((mask.to(torch.float32) * (kd_weight * inv_t)).unsqueeze(-1))
     valid = labels != IGNORE_INDEX
     ce = torch.zeros_like(kd)
     if ce_weight > 0.0:
@@ -117,7 +122,8 @@ def sparse_block_step(student: Tensor, ids: Tensor, logprobs: Tensor, tail_logpr
         g.add_((z - lse_1.unsqueeze(-1)).exp_().mul_(ce_row))
         g.scatter_add_(-1, safe_labels, -ce_row)
     off = ~(mask | valid) if ce_weight > 0.0 else ~mask
-    g.masked_fill_(off.unsqueeze(-1), 0.0)  # a NaN in an ignored row must not survive its 0 factor
+    if student.device.type != "cpu" or bool(off.any()):  # CPU: the check is free; elsewhere select unconditionally
+        g.masked_fill_(off.unsqueeze(-1), 0.0)  # a NaN in an ignored row must not survive its 0 factor
     out.copy_(g)
     return kd, ce
 
