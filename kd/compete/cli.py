@@ -23,6 +23,10 @@ def check(recipe_path: str, overrides: list[str]):
     if cfg.answer_max_new_tokens >= room:
         raise UserError(f"answer_max_new_tokens ({cfg.answer_max_new_tokens}) leaves no room for an instruction "
                         f"inside data.seq_len ({room}); lower it or raise data.seq_len", key="compete.answer_max_new_tokens")
+    if cfg.teacher_steps and (recipe.teacher.path is None or recipe.teacher.fusion is not None):
+        raise UserError("the teacher phase trains the teacher as a model of its own: it needs teacher.path (a model "
+                        "directory, not an inline config or a fusion); or set compete.teacher_steps: 0",
+                        key="compete.teacher_steps")
     prepare_assets(recipe)
     if cfg.judge.model is not None and cfg.judge.model.path and cfg.judge.model.path.startswith("asset:"):
         from kd.assets import resolve

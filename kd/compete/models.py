@@ -12,15 +12,40 @@ from kd.config.schema import Recipe
 from kd.errors import UserError
 
 
-def round_recipe(recipe: Recipe, r: int, train_path: str, student_dir: str) -> Recipe:
+def round_recipe(recipe: Recipe, r: int, train_path: str, student_dir: str, teacher_path: Optional[str] = None
+                 ) -> Recipe:
     """The training recipe of round r's imitation: the recipe's student, teacher, loss and optimizer on the pool of
     round r - 1 (chat jsonl), continuing the student run to r x imitation_steps optimizer steps. The data changes
-    between rounds by design, so the resume check is told to allow it."""
+    between rounds by design, so the resume check is told to allow it. ``teacher_path``: a teacher trained by an
+    earlier teacher phase (an exported model directory) in place of the recipe's."""
     raw = recipe.model_dump()
     raw["run"]["output_dir"] = student_dir
+    if teacher_path is not None:
+        raw["tokenizer"] = recipe.tokenizer or recipe.teacher.path  # the tokenizer stays the recipe's
+        raw["teacher"].update(path=teacher_path, gguf_file=None, config=None)
     raw["data"].update(kind="chat", train={"path": train_path, "split": "train", "name": None},
                        messages_field="messages", max_documents=None)
     raw["train"].update(max_steps=r * recipe.compete.imitation_steps, epochs=None)
+    raw["checkpoint"].update(allow_recipe_change=True, at_end=True)
+    raw.update(resume="auto", on_policy=None, compete=None)
+    return Recipe.model_validate(raw)
+
+
+def teacher_recipe(recipe: Recipe, steps: int, train_path: str, teacher_dir: str) -> Recipe:
+    """The teacher phase's training recipe: the teacher model as the trained participant (its own engine and
+    checkpoints in ``teacher_dir``, one run continuing across rounds to ``steps`` steps), cross-entropy on the answers
+    the student won with; the recipe's teacher stays the frozen reference its held-out KL is measured against."""
+    raw = recipe.model_dump()
+    t = recipe.teacher
+    raw["run"]["output_dir"] = teacher_dir
+    raw["tokenizer"] = recipe.tokenizer or t.path
+    raw["student"] = {"path": t.path, "gguf_file": t.gguf_file, "dtype": t.dtype, "trust_remote_code": t.trust_remote_code,
+                      "zero_stage": recipe.student.zero_stage, "offload_optimizer": recipe.student.offload_optimizer,
+                      "gradient_checkpointing": recipe.student.gradient_checkpointing}
+    raw["data"].update(kind="chat", train={"path": train_path, "split": "train", "name": None},
+                       messages_field="messages", max_documents=None)
+    raw["loss"] = {"name": "ce"}
+    raw["train"].update(max_steps=steps, epochs=None, lr=recipe.compete.teacher_lr or recipe.train.lr)
     raw["checkpoint"].update(allow_recipe_change=True, at_end=True)
     raw.update(resume="auto", on_policy=None, compete=None)
     return Recipe.model_validate(raw)
@@ -115,11 +140,8 @@ class RoundModels:
 
     def trained(self, recipe: Recipe, r: int) -> bool:
         """Build and run round r's imitation; False when it stopped on a signal before its last step."""
-        from kd.trainer import Trainer
-
         self.release()
-        trainer = Trainer(recipe)
-        trainer.train()
+        trainer = train(recipe)
         self.trainer, self.teacher, self.vocab_size, self.round = trainer, trainer.teacher, trainer.vocab_size, r
         return trainer.step >= trainer.total_steps
 
@@ -131,3 +153,12 @@ class RoundModels:
             self._judge_model = load_teacher(judge_model_config(recipe), zero3_config=None,
                                              resolve_path=resolve).to(device)
         return self._judge_model
+
+
+def train(recipe: Recipe):
+    """A kd Trainer for ``recipe``, trained (resumed from its run directory's newest checkpoint when there is one)."""
+    from kd.trainer import Trainer
+
+    trainer = Trainer(recipe)
+    trainer.train()
+    return trainer

@@ -62,10 +62,10 @@ class CompeteRun:
             self._log(f"kd compete: round {state.round}, {state.phase}" + (f" from item {state.item}" if state.item else ""))
             self._ensure_models(state)
             if state.phase != "imitation":
-                getattr(self, f"_{state.phase}")(state)
+                getattr(self, f"_{state.phase}")(state)  # _discrimination, _teacher, _augment, _answer
             if os.environ.get("KD_COMPETE_EXIT_AT") == f"{state.round}:{state.phase}:end":
                 os._exit(137)  # fault injection: killed after the phase's work, before the state moved on
-            state = state.next(self.cfg.rounds)
+            state = state.next(self.cfg.rounds, teacher_phase=self.cfg.teacher_steps > 0)
             dist.run_on_main(lambda s=state: self.files.save_state(s))
         self._log(f"kd compete: {self.cfg.rounds} round(s) done; pool and round records in {self.files.root}")
         self.models.release()
@@ -97,7 +97,8 @@ class CompeteRun:
             return
         train_path = self.files.path(r, "train.jsonl")
         dist.run_on_main(lambda: write_jsonl(train_path, as_chat(self.files.pool(r - 1))))
-        finished = self.models.trained(round_recipe(self.recipe, r, train_path, self.files.student_dir), r)
+        recipe = round_recipe(self.recipe, r, train_path, self.files.student_dir, self.files.current_teacher(r))
+        finished = self.models.trained(recipe, r)
         self._install_signal_handlers()  # the Trainer installed its own for the imitation phase
         if not finished:
             raise Stopped(f"stopped during round {r}'s imitation (the student checkpoint is saved)")
@@ -110,19 +111,19 @@ class CompeteRun:
         return ModelBackend(target, self.tokenizer, seed=self.seed, batch_size=self.cfg.batch_size,
                             max_prompt_tokens=min(limit, 4096), vocab_size=self.models.vocab_size)
 
-    def _teacher(self) -> ModelBackend:
+    def _teacher_backend(self) -> ModelBackend:
         from kd.generation import teacher_target
 
         return self._backend(teacher_target(self.models.teacher))
 
-    def _student(self) -> ModelBackend:
+    def _student_backend(self) -> ModelBackend:
         from kd.generation import student_target
 
         return self._backend(student_target(self.models.trainer.student.engine))
 
     def _judge_backend(self) -> ModelBackend:
         if self.cfg.judge.model is None:
-            return self._teacher()
+            return self._teacher_backend()
         from kd.generation import Target
         from kd.models import load_tokenizer
         from kd.assets import resolve
@@ -163,7 +164,7 @@ class CompeteRun:
         ids = [item["id"] for item in pool if item["answer"].strip()]
         if cfg.judge_max and cfg.judge_max < len(ids):
             ids = sorted(random.Random(f"kd-compete:{self.seed}:{r}").sample(ids, cfg.judge_max))
-        student, judge_backend = self._student(), self._judge_backend()
+        student, judge_backend = self._student_backend(), self._judge_backend()
 
         def work(chunk: list[int], start: int) -> list[dict[str, Any]]:
             questions = [pool[i]["instruction"] for i in chunk]
@@ -188,6 +189,32 @@ class CompeteRun:
 
         dist.run_on_main(write)
 
+    def _teacher(self, state: RoundState) -> None:
+        """Train the teacher on the instructions where the student's answer scored higher (the student's answers as
+        targets); export it for the next rounds. This round's augment and answer phases keep the round's teacher."""
+        from kd.compete.models import teacher_recipe, train
+        from kd.export import export_checkpoint
+
+        r = state.round
+        won = [s for s in read_jsonl(self.files.path(r, "scores.jsonl"))
+               if s["teacher"] is not None and s["student"] > s["teacher"] and s["student_answer"].strip()]
+        data = self.files.path(r, "teacher_train.jsonl")
+        dist.run_on_main(lambda: write_jsonl(data, as_chat([{"id": s["id"], "instruction": s["instruction"],
+                                                            "answer": s["student_answer"]} for s in won])))
+        if not won:
+            self._log(f"kd compete: round {r}: the student won no instruction; the teacher stays as it is")
+            return
+        phases = sum(bool(read_jsonl(self.files.path(k, "teacher_train.jsonl"))) for k in range(1, r + 1))
+        self.models.release()  # the round's engines are rebuilt (and reloaded) for the augment phase
+        trainer = train(teacher_recipe(self.recipe, phases * self.cfg.teacher_steps, data, self.files.teacher_dir))
+        finished = trainer.step >= trainer.total_steps
+        del trainer
+        self._install_signal_handlers()
+        if not finished:
+            raise Stopped(f"stopped during round {r}'s teacher phase (the teacher checkpoint is saved)")
+        out = self.files.teacher_export(r)
+        dist.run_on_main(lambda: os.path.isdir(out) or export_checkpoint(os.path.join(self.files.teacher_dir, "checkpoints"), out))
+
     def _augment(self, state: RoundState) -> None:
         r, aug = state.round, self.cfg.augment
         pool = self.files.pool(r - 1)
@@ -195,7 +222,7 @@ class CompeteRun:
             split = json.load(f)
         seeds = [(i, "hard") for i in pick_seeds(split["hard"], aug.hard)] + \
                 [(i, "easy") for i in pick_seeds(split["easy"], aug.easy)]
-        teacher = self._teacher()
+        teacher = self._teacher_backend()
 
         def work(chunk: list[tuple[int, str]], start: int) -> list[dict[str, Any]]:
             prompts = [augment_prompt(pool[i]["instruction"], kind) for i, kind in chunk]
@@ -220,7 +247,7 @@ class CompeteRun:
         else:
             kept = [row for row in read_jsonl(self.files.path(r, "candidates.jsonl")) if row["dropped"] is None]
             questions = [(row["candidate"], row["kind"]) for row in kept]
-        teacher = self._teacher()
+        teacher = self._teacher_backend()
 
         def work(chunk: list[tuple[str, str]], start: int) -> list[dict[str, Any]]:
             replies = teacher.generate_full([q for q, _ in chunk], temperature=cfg.answer_temperature,
@@ -257,23 +284,37 @@ class CompeteRun:
             **{f"dropped/{k}": v for k, v in sorted(drops.items())},
         }
         record.update(self._student_eval(r))
+        if self.cfg.teacher_steps:
+            record.update(self._teacher_eval(r))
         return record
+
+    @staticmethod
+    def _evals(run_dir: str) -> dict[int, dict[str, float]]:
+        """step -> the eval/* scalars a kd training run logged at that step."""
+        from kd.metrics import METRICS_FILE
+
+        path = os.path.join(run_dir, METRICS_FILE)
+        by_step: dict[int, dict] = {}
+        for row in read_jsonl(path) if os.path.isfile(path) else []:
+            if any(k.startswith("eval/") for k in row):
+                by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+        return by_step
 
     def _student_eval(self, r: int) -> dict[str, float]:
         """The student's held-out metrics at the end of round r's imitation (and before any training, in round 1)."""
-        from kd.metrics import METRICS_FILE
-
-        path = os.path.join(self.files.student_dir, METRICS_FILE)
-        if not os.path.isfile(path):
-            return {}
-        by_step: dict[int, dict] = {}
-        for row in read_jsonl(path):
-            if any(k.startswith("eval/") for k in row):
-                by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k.startswith("eval/")})
+        by_step = self._evals(self.files.student_dir)
         out = dict(by_step.get(r * self.cfg.imitation_steps, {}))
         if r == 1 and 0 in by_step:
             out.update({k.replace("eval/", "eval_start/"): v for k, v in by_step[0].items()})
         return out
+
+    def _teacher_eval(self, r: int) -> dict[str, float]:
+        """The trained teacher's held-out metrics (KL against the recipe's frozen teacher) after its latest phase up
+        to round r."""
+        phases = sum(bool(read_jsonl(self.files.path(k, "teacher_train.jsonl"))) for k in range(1, r + 1))
+        by_step = self._evals(self.files.teacher_dir)
+        step = phases * self.cfg.teacher_steps
+        return {k.replace("eval/", "teacher_eval/"): v for k, v in by_step.get(step, {}).items()} if phases else {}
 
     def _write_round_record(self, r: int) -> None:
         record = self.round_record(r)

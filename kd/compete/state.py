@@ -9,12 +9,15 @@ Layout of ``run.output_dir``:
     compete/round_RR/split.json     hard and easy ids, pairs left out
     compete/round_RR/candidates.jsonl  generation: every candidate with its seed and its drop reason (null = kept)
     compete/round_RR/PHASE.partial.jsonl  the finished items of a phase in progress
+    compete/round_RR/teacher_train.jsonl  teacher phase: the instructions the student won, with its answers
+    compete/round_RR/teacher_hf/    the teacher after round RR's teacher phase (answers and judges from round RR+1)
     student/                        the student's training run (kd.trainer: checkpoints/, metrics.jsonl, ...)
+    teacher/                        the teacher's training run (teacher phase only)
 
 A phase's items are done in chunks; after each chunk the partial file and then the state are replaced atomically, so
 a run killed at any moment finds a state whose item count the partial file covers (extra rows from a kill between the
 two writes are dropped) and redoes at most one chunk. Round 0 has only the answer phase (the teacher answers the seed
-instructions); rounds 1..K go imitation -> discrimination -> augment -> answer.
+instructions); rounds 1..K go imitation -> discrimination -> [teacher] -> augment -> answer.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Any, Optional
 from kd.compete.pool import read_jsonl, write_jsonl
 from kd.files import atomic_write
 
-PHASES = ("imitation", "discrimination", "augment", "answer")
+PHASES = ("imitation", "discrimination", "teacher", "augment", "answer")
 DONE = "done"
 
 
@@ -36,11 +39,14 @@ class RoundState:
     phase: str = "answer"
     item: int = 0
 
-    def next(self, rounds: int) -> "RoundState":
-        """The state after this phase finished."""
+    def next(self, rounds: int, *, teacher_phase: bool = False) -> "RoundState":
+        """The state after this phase finished (the teacher phase only when it is switched on)."""
         if self.phase == "answer":
             return RoundState(self.round + 1, "imitation") if self.round < rounds else RoundState(self.round, DONE)
-        return RoundState(self.round, PHASES[PHASES.index(self.phase) + 1])
+        following = PHASES[PHASES.index(self.phase) + 1]
+        if following == "teacher" and not teacher_phase:
+            following = "augment"
+        return RoundState(self.round, following)
 
     @property
     def done(self) -> bool:
@@ -54,6 +60,7 @@ class RunFiles:
         self.run_dir = run_dir
         self.root = os.path.join(run_dir, "compete")
         self.student_dir = os.path.join(run_dir, "student")
+        self.teacher_dir = os.path.join(run_dir, "teacher")
 
     def round_dir(self, r: int) -> str:
         return os.path.join(self.root, f"round_{r:02d}")
@@ -94,3 +101,13 @@ class RunFiles:
 
     def pool(self, r: int) -> list[dict[str, Any]]:
         return read_jsonl(self.path(r, "pool.jsonl"))
+
+    def teacher_export(self, r: int) -> str:
+        return self.path(r, "teacher_hf")
+
+    def current_teacher(self, r: int) -> Optional[str]:
+        """The newest trained teacher a round r may use (exported by an earlier round's teacher phase), or None."""
+        for earlier in range(r - 1, 0, -1):
+            if os.path.isdir(self.teacher_export(earlier)):
+                return self.teacher_export(earlier)
+        return None

@@ -273,6 +273,8 @@ class CompeteConfig(Section):
     answer_temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of the answers (0 = greedy).")
     batch_size: int = Field(8, ge=1, description="Prompts per rollout on each rank.")
     chunk: int = Field(32, ge=1, description="Items (answers, judgements, candidates) between two saves of the round state: a killed run redoes at most this many.")
+    teacher_steps: int = Field(0, ge=0, description="Teacher phase: optimizer steps per round training the teacher (cross-entropy) on the instructions where the student's answer scored higher, from the next round on the teacher that answers and judges; 0 = off (the teacher stays frozen).")
+    teacher_lr: Optional[float] = Field(None, gt=0, description="Peak learning rate of the teacher phase (unset = train.lr).")
     judge: CompeteJudgeConfig = Field(default_factory=CompeteJudgeConfig, description="The assessor of the discrimination phase.")
     augment: CompeteAugmentConfig = Field(default_factory=CompeteAugmentConfig, description="The generation phase: new instructions from hard and easy seeds.")
 

@@ -47,11 +47,17 @@ def _same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-def test_a_round_killed_in_every_phase_resumes_to_the_same_run(tmp_path):
-    straight = make_compete_run(tmp_path / "a")
-    result = _launch(straight)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted one-round run (one process); returns its root (teacher/, run/)."""
+    root = tmp_path_factory.mktemp("compete_straight")
+    result = _launch(make_compete_run(root))
     assert result.returncode == 0, result.stderr[-3000:]
-    run_a = tmp_path / "a" / "run"
+    return root
+
+
+def test_a_round_killed_in_every_phase_resumes_to_the_same_run(straight, tmp_path):
+    run_a = straight / "run"
     record = json.loads((run_a / "compete" / "rounds.jsonl").read_text())
     pool = [json.loads(line) for line in (run_a / "compete" / "round_01" / "pool.jsonl").read_text().splitlines()]
     assert record["round"] == 1 and record["pool_size"] == len(pool) == 8 + record["new_instructions"]
@@ -61,7 +67,7 @@ def test_a_round_killed_in_every_phase_resumes_to_the_same_run(tmp_path):
     assert [p["id"] for p in pool] == list(range(len(pool)))
     assert (run_a / "tensorboard").is_dir()
 
-    killed = make_compete_run(tmp_path / "b", teacher=tmp_path / "a" / "teacher")
+    killed = make_compete_run(tmp_path / "b", teacher=straight / "teacher")
     for point in ("0:answer:4", "1:imitation:end", "1:discrimination:4", "1:augment:4", "1:answer:end"):
         result = _launch(killed, exit_at=point)
         assert result.returncode == 137, (point, result.stderr[-3000:])
@@ -72,6 +78,32 @@ def test_a_round_killed_in_every_phase_resumes_to_the_same_run(tmp_path):
     run_b = tmp_path / "b" / "run"
     assert _files(run_b) == _files(run_a)
     _same_weights(_weights(run_b), _weights(run_a))
+
+
+def test_the_teacher_phase_trains_the_teacher_and_leaves_the_student_untouched(straight, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_compete_run(tmp_path, teacher=straight / "teacher", teacher_steps=2)
+    result = _launch(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_a, run_t = straight / "run", tmp_path / "run"
+    # the student trains, answers and is judged before the teacher phase, and this round's augment and answer
+    # phases keep the round's teacher: everything but the teacher's own files is the run without a teacher phase
+    mine = {"round_01/teacher_train.jsonl", "rounds.jsonl"}
+    files_t = {k: v for k, v in _files(run_t).items() if k not in mine and not k.startswith("round_01/teacher_hf/")}
+    assert files_t == {k: v for k, v in _files(run_a).items() if k != "rounds.jsonl"}
+    _same_weights(_weights(run_t), _weights(run_a))
+    won = [json.loads(line) for line in (run_t / "compete/round_01/teacher_train.jsonl").read_text().splitlines()]
+    scores = [json.loads(line) for line in (run_t / "compete/round_01/scores.jsonl").read_text().splitlines()]
+    assert len(won) == sum(s["teacher"] is not None and s["student"] > s["teacher"] and bool(s["student_answer"].strip())
+                           for s in scores) > 0
+    assert won[0]["messages"][1]["content"] == next(s["student_answer"] for s in scores if s["id"] == won[0]["id"])
+    before = AutoModelForCausalLM.from_pretrained(straight / "teacher").state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run_t / "compete/round_01/teacher_hf").state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and "lm_head.weight" in changed
+    record = json.loads((run_t / "compete/rounds.jsonl").read_text())
+    assert record["teacher_eval/kl"] > 0  # the trained teacher moved away from the frozen reference
 
 
 def test_two_ranks_same_pool_everywhere_and_a_kill_inside_imitation(tmp_path):

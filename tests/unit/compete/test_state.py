@@ -17,6 +17,14 @@ def test_phases_over_two_rounds():
                     (2, "imitation"), (2, "discrimination"), (2, "augment"), (2, "answer")]
 
 
+def test_the_teacher_phase_comes_after_discrimination_when_on():
+    state, seen = RoundState(1, "imitation"), []
+    while not state.done:
+        seen.append(state.phase)
+        state = state.next(1, teacher_phase=True)
+    assert seen == ["imitation", "discrimination", "teacher", "augment", "answer"]
+
+
 def test_state_and_partial_roundtrip(tmp_path):
     files = RunFiles(str(tmp_path))
     assert files.load_state() is None
