@@ -33,27 +33,28 @@ EMPTY: tl.constexpr = tl.constexpr(-1e4)  # log-mass of a bucket empty on both s
 
 
 @triton.jit
-def _stored_lanes(idv, offs, lo, BLOCK: tl.constexpr):
-    """Boolean [BLOCK]: which lanes ``offs`` (entries lo .. lo + BLOCK) are among the row's sorted stored ids
-    ``idv`` (in registers: each id of the block is picked out of the vector, not loaded again)."""
-    j0 = tl.sum((idv < lo).to(tl.int32), axis=0)
+def _stored_lanes(idv, offs, lo, j0, BLOCK: tl.constexpr):
+    """(Boolean [BLOCK]: which lanes ``offs`` = lo .. lo + BLOCK are among the row's sorted stored ids ``idv``, j1).
+    ``j0``: how many ids lie before ``lo`` (the previous block's j1); the block's ids are idv[j0:j1], each picked out
+    of the vector in registers (no load inside the block loop)."""
     j1 = tl.sum((idv < lo + BLOCK).to(tl.int32), axis=0)
     lanes = tl.arange(0, idv.shape[0])
     hit = offs < 0
     for j in range(j0, j1):
         hit = hit | (offs == tl.sum(tl.where(lanes == j, idv, 0), axis=0))
-    return hit
+    return hit, j1
 
 
 @triton.jit
-def _rest_block(m_r, z_r, m_1, z_1, s_row, idv, lo, V, scale, CE_SEPARATE: tl.constexpr,
+def _rest_block(m_r, z_r, m_1, z_1, j, s_row, idv, lo, V, scale, CE_SEPARATE: tl.constexpr,
                 MASKED: tl.constexpr, BLOCK: tl.constexpr):
     offs = lo + tl.arange(0, BLOCK)
     if MASKED:
         zs = tl.load(s_row + offs, mask=offs < V, other=0.0).to(tl.float32)
     else:
         zs = tl.load(s_row + offs).to(tl.float32)
-    r2 = tl.where(_stored_lanes(idv, offs, lo, BLOCK), float("-inf"), zs * scale)
+    stored, j = _stored_lanes(idv, offs, lo, j, BLOCK)
+    r2 = tl.where(stored, float("-inf"), zs * scale)
     if MASKED:
         r2 = tl.where(offs < V, r2, float("-inf"))
     new_r = tl.maximum(m_r, tl.max(r2, axis=0))
@@ -65,7 +66,7 @@ def _rest_block(m_r, z_r, m_1, z_1, s_row, idv, lo, V, scale, CE_SEPARATE: tl.co
         new_1 = tl.maximum(m_1, tl.max(x1, axis=0))
         z_1 = z_1 * tl.exp2(m_1 - new_1) + tl.sum(tl.exp2(x1 - new_1), axis=0)
         m_1 = new_1
-    return new_r, z_r, m_1, z_1
+    return new_r, z_r, m_1, z_1, j
 
 
 @triton.jit
@@ -132,13 +133,14 @@ def _sparse_rows_kernel(s_ptr, s_l, s_sb, s_sl, g_ptr, g_l, g_sb, g_sl, ids_ptr,
         m_1 = m_r
         z_r = tl.zeros((), tl.float32)
         z_1 = z_r
+        j = tl.zeros((), tl.int32)  # stored ids before the current block
         if (not RENORM) or CE:
             for i in range(0, n_full):
-                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, idv, i * BLOCK, V, scale,
-                                                 CE_SEPARATE, False, BLOCK)
+                m_r, z_r, m_1, z_1, j = _rest_block(m_r, z_r, m_1, z_1, j, s_row, idv, i * BLOCK, V, scale,
+                                                    CE_SEPARATE, False, BLOCK)
             if n_full * BLOCK < V:
-                m_r, z_r, m_1, z_1 = _rest_block(m_r, z_r, m_1, z_1, s_row, idv, n_full * BLOCK, V,
-                                                 scale, CE_SEPARATE, True, BLOCK)
+                m_r, z_r, m_1, z_1, j = _rest_block(m_r, z_r, m_1, z_1, j, s_row, idv, n_full * BLOCK, V, scale,
+                                                    CE_SEPARATE, True, BLOCK)
         lse_r = m_r + tl.log2(z_r)  # -inf when every entry is stored
         hi = tl.maximum(lse_r, lse_top)
         lse = hi + tl.log2(tl.exp2(lse_r - hi) + tl.exp2(lse_top - hi))
