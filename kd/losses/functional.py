@@ -278,13 +278,14 @@ def sparse_buckets(student_logits: Tensor, target_ids: Tensor, target_logprobs: 
                    temperature: float = 1.0, tail: str = "bucket") -> tuple[Tensor, Tensor]:
     """(log q, log p) of the buckets, fp32 ``[..., K + 1]`` (tail last; ``[..., K]`` with tail="renormalize").
 
-    ``student_logits [..., V]`` (any float dtype, with grad), ``target_ids [..., K]`` (distinct ids of one position, any
-    order), ``target_logprobs [..., K]`` and ``tail_logprob [...]`` (teacher log-probabilities at the store's
-    temperature, detached here). Entries may be -inf (an empty tail).
+    ``student_logits [..., V]`` (any float dtype, with grad), ``target_ids [..., K]`` (integer, distinct ids of one
+    position, any order, < V), ``target_logprobs [..., K]`` and ``tail_logprob [...]`` (teacher log-probabilities at
+    the store's temperature, any float dtype, detached here). Entries may be -inf (an empty tail).
     """
     if tail not in SPARSE_TAILS:
         raise ValueError(f"tail must be one of {', '.join(SPARSE_TAILS)}, got {tail!r}")
     s = student_logits.float() / temperature
+    target_ids = target_ids.long()  # a compact store may hand over int32 ids
     s_top = s.gather(-1, target_ids)
     log_p = target_logprobs.detach().float()
     if tail == "renormalize":

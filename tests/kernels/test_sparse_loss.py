@@ -165,3 +165,18 @@ def test_bad_shapes_and_tail_are_refused():
 def test_tail_options_agree_with_the_spec():
     from kd.ops.sparse import SPARSE_TAILS
     assert SPARSE_TAILS == F.SPARSE_TAILS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compact_store_dtypes(backend):
+    """int32 ids and bf16 log-probs (a compact store) give what int64 ids and the fp32 of those values give."""
+    s, ids, lp, tail_lp, labels = make_store((2, 3), 67, 6, torch.float32, seed=5)
+    lp16, tail16 = lp.bfloat16(), tail_lp.bfloat16()
+    outs = []
+    for i, l, t in ((ids.int(), lp16, tail16), (ids, lp16.float(), tail16.float())):
+        leaf = s.clone().requires_grad_(True)
+        out = sparse_loss(leaf, i, l, t, labels != -100, labels, divergence="jsd", backend=backend)
+        out.loss.backward()
+        outs.append((out.loss, leaf.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])

@@ -208,3 +208,12 @@ def test_bad_tail_option():
     s, _, ids, lp, tail_lp = make_target(9)
     with pytest.raises(ValueError, match="tail must be one of"):
         F.sparse_divergence(s, ids, lp, tail_lp, divergence="tvd", tail="drop")
+
+
+def test_int32_ids_and_16_bit_stored_logprobs():
+    """A compact store's dtypes: int32 ids, bf16 log-probs; the same value as int64 / the fp32 of those values."""
+    s, _, ids, lp, tail_lp = make_target(10)
+    lp16, tail16 = lp.bfloat16(), tail_lp.bfloat16()
+    got = F.sparse_divergence(s, ids.int(), lp16, tail16, divergence="skew_kl", alpha=0.3)
+    want = F.sparse_divergence(s, ids, lp16.float(), tail16.float(), divergence="skew_kl", alpha=0.3)
+    torch.testing.assert_close(got, want)
