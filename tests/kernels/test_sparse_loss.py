@@ -180,3 +180,29 @@ def test_compact_store_dtypes(backend):
         outs.append((out.loss, leaf.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_peaked_student_keeps_its_tiny_tail(backend):
+    """A student whose k stored ids hold all but ~1e-20 of its mass, against a teacher with 10% in the tail: the
+    tail term p_tail log(p_tail / q_tail) ~ 0.1 * 46 dominates; 1 - sum(q_k) would be 0 in fp32 (loss inf). Value and
+    gradient against float64 arithmetic written here."""
+    vocab, k = 53, 4
+    s = torch.full((2, vocab), -25.0, dtype=torch.float64)
+    s[:, :k] = torch.tensor([25.0, 24.0, 23.5, 23.0], dtype=torch.float64)
+    ids = torch.arange(k).repeat(2, 1)
+    lp = torch.log(torch.tensor([0.5, 0.2, 0.1, 0.1], dtype=torch.float64)).repeat(2, 1)
+    tail = torch.log(torch.full((2,), 0.1, dtype=torch.float64))
+    labels = torch.zeros(2, dtype=torch.long)
+    leaf = s.float().to(DEVICE).requires_grad_(True)
+    out = sparse_loss(leaf, ids.to(DEVICE), lp.float().to(DEVICE), tail.float().to(DEVICE), labels.to(DEVICE) >= 0,
+                      labels.to(DEVICE), divergence="forward_kl", backend=backend)
+    out.loss.backward()
+    s64 = s.clone().requires_grad_(True)  # float64 buckets: top-k masses, tail = sum over the other entries
+    q = torch.softmax(s64, -1)
+    q_b = torch.cat([q[:, :k], q[:, k:].sum(-1, keepdim=True)], -1)
+    p_b = torch.cat([lp.exp(), tail.exp().unsqueeze(-1)], -1)
+    want = (p_b * (p_b.log() - q_b.log())).sum()
+    want.backward()
+    torch.testing.assert_close(out.loss.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(leaf.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-6)
