@@ -177,9 +177,10 @@ def _sparse_rows_kernel(s_ptr, s_l, s_sb, s_sl, g_ptr, g_l, g_sb, g_sl, ids_ptr,
         kd = tl.where(kd_on, tl.sum(loss_v, axis=0), 0.0)
         if CE:
             ce = tl.where(ce_on, rm.LN2 * lse_1 - z_lab, 0.0)
-        kd_w = tl.where(kd_on, kd_scale, 0.0)
         ce_w = tl.where(ce_on, ce_weight, 0.0)
-        tail_g = kd_w * tl.sum(tl.where(lanes == K, grad_b, 0.0), axis=0)
+        # selected, not multiplied: off the mask the loss may be inf (a filler position), its gradient NaN
+        grad_b = tl.where(kd_on, kd_scale * grad_b, 0.0)
+        tail_g = tl.sum(tl.where(lanes == K, grad_b, 0.0), axis=0)
         lse_r_safe = tl.where(lse_r > float("-inf"), lse_r, 0.0)
         # pass C
         for i in range(0, n_full):
@@ -188,7 +189,7 @@ def _sparse_rows_kernel(s_ptr, s_l, s_sb, s_sl, g_ptr, g_l, g_sb, g_sl, ids_ptr,
         if n_full * BLOCK < V:
             _grad_block(s_row, g_row, n_full * BLOCK, V, scale, lse_r_safe, tail_g, label, lse_1, ce_w, CE,
                         CE_SEPARATE, True, BLOCK)
-        g_top = kd_w * grad_b
+        g_top = grad_b
         if CE:
             x1 = top2
             if CE_SEPARATE:

@@ -89,7 +89,8 @@ def sparse_block_step(student: Tensor, ids: Tensor, logprobs: Tensor, tail_logpr
     s = z * inv_t if inv_t != 1.0 else z
     s_top = s.gather(-1, ids)
     lse_top = torch.logsumexp(s_top, -1)
-    row_factor = (mask.to(torch.float32) * (kd_weight * inv_t)).unsqueeze(-1)  # 0 on ignored rows
+    on = mask.unsqueeze(-1)  # rows off the mask are selected to 0, never multiplied (their loss may be inf)
+    row_factor = kd_weight * inv_t
     if tail == "renormalize":
         lse = None
         kd, grad_b = bucket_grad(spec, s_top - lse_top.unsqueeze(-1), torch.log_softmax(logprobs.float(), -1))
@@ -107,10 +108,10 @@ def sparse_block_step(student: Tensor, ids: Tensor, logprobs: Tensor, tail_logpr
         lq = torch.cat([s_top - lse.unsqueeze(-1), (lse_rest - lse).unsqueeze(-1)], -1)
         lp = torch.cat([logprobs.float(), tail_logprob.float().unsqueeze(-1)], -1)
         kd, grad_b = bucket_grad(spec, lq, lp)
-        share = torch.where(total > 0, grad_b[:, -1] / total, 0.0).unsqueeze(-1)
-        g = e.mul_(share * row_factor)
+        share = torch.where(on & (total > 0).unsqueeze(-1), grad_b[:, -1:] * row_factor / total.unsqueeze(-1), 0.0)
+        g = e.mul_(share)
         grad_b = grad_b[:, :-1]
-    g.scatter_(-1, ids, grad_b * row_factor)
+    g.scatter_(-1, ids, torch.where(on, grad_b * row_factor, 0.0))
     kd = torch.where(mask, kd, 0.0)
     valid = labels != IGNORE_INDEX
     ce = torch.zeros_like(kd)

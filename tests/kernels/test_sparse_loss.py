@@ -206,3 +206,22 @@ def test_peaked_student_keeps_its_tiny_tail(backend):
     want.backward()
     torch.testing.assert_close(out.loss.double().cpu(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(leaf.grad.double().cpu(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_off_the_mask_with_an_infinite_divergence(backend):
+    """A row with a CE label but off the divergence mask, holding the store's filler (k ids, uniform log-probs, tail
+    -inf): reverse KL is +inf there (p_tail = 0 < q_tail); it must add nothing and its gradient must be the CE's."""
+    s, ids, lp, tail_lp, labels = make_store((1, 4), 41, 5, torch.float32, seed=6)
+    labels[0, 0] = 3
+    ids[0, 1] = torch.arange(5, device=DEVICE)
+    lp[0, 1] = -torch.log(torch.tensor(5.0))
+    tail_lp[0, 1] = float("-inf")
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    mask[0, 1] = False
+    leaf = s.clone().requires_grad_(True)
+    out = sparse_loss(leaf, ids, lp, tail_lp, mask, labels, divergence="reverse_kl", ce_weight=0.5, backend=backend)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(leaf.grad).all()
+    ce_grad = 0.5 * (torch.softmax(s[0, 1], -1) - torch.nn.functional.one_hot(labels[0, 1], 41))
+    torch.testing.assert_close(leaf.grad[0, 1], ce_grad)
