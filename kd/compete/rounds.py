@@ -104,12 +104,13 @@ class CompeteRun:
             raise Stopped(f"stopped during round {r}'s imitation (the student checkpoint is saved)")
 
     # ------------------------------------------------------------------ backends
-    def _backend(self, target) -> ModelBackend:
+    def _backend(self, target, tokenizer=None, vocab_size: Any = "recipe") -> ModelBackend:
         from kd.models.vocab import max_positions
 
         limit = max_positions(target.model.config) or self.recipe.data.seq_len
-        return ModelBackend(target, self.tokenizer, seed=self.seed, batch_size=self.cfg.batch_size,
-                            max_prompt_tokens=min(limit, 4096), vocab_size=self.models.vocab_size)
+        return ModelBackend(target, tokenizer or self.tokenizer, seed=self.seed, batch_size=self.cfg.batch_size,
+                            max_prompt_tokens=min(limit, 4096),
+                            vocab_size=self.models.vocab_size if vocab_size == "recipe" else vocab_size)
 
     def _teacher_backend(self) -> ModelBackend:
         from kd.generation import teacher_target
@@ -129,11 +130,12 @@ class CompeteRun:
         from kd.assets import resolve
 
         model = self.models.judge_model(self.recipe, dist.device())
-        backend = self._backend(Target(model))
-        if not getattr(self.judge, "needs_same_tokenizer", False):  # a text judge reads with its own tokenizer
-            backend.tokenizer = load_tokenizer(resolve(self.cfg.judge.model.path), key="compete.judge.model.path")
-            backend.vocab_size = None
-        return backend
+        if getattr(self.judge, "needs_same_tokenizer", False):
+            return self._backend(Target(model))
+        # a text judge reads and writes with its own tokenizer (its pad and EOS ids too)
+        tokenizer = load_tokenizer(resolve(self.cfg.judge.model.path), gguf_file=self.cfg.judge.model.gguf_file,
+                                   key="compete.judge.model.path")
+        return self._backend(Target(model), tokenizer, vocab_size=None)
 
     # ------------------------------------------------------------------ chunked work
     def _chunked(self, state: RoundState, items: list, work: Callable[[list, int], list[dict[str, Any]]]
