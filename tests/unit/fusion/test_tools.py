@@ -12,7 +12,8 @@ from tests.unit.fusion.test_teacher import fusion_recipe, model_dirs  # noqa: F4
 pytestmark = pytest.mark.slow  # ~5-20 s each: the default suite's budget is spent (the solver is tested directly)
 
 
-@pytest.mark.parametrize("flags", [["--seq", "16", "--chunk-rows", "5"], ["--seq", "32", "--chunk-rows", "7", "--dtype", "bf16"]])
+@pytest.mark.parametrize("flags", [["--seq", "16", "--chunk-rows", "5"],
+                                   ["--seq", "32", "--chunk-rows", "7", "--dtype", "bf16"]])
 def test_bench_fusion_memory_within_its_bound(flags):
     out = load_tool("bench_fusion").main(["--size", "tiny", "--batch", "2", "--repeats", "1", *flags])
     assert out["within_bound"], out
