@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 from typing import Optional
 
+import torch
+
 from kd.errors import UserError
 from kd.losses.base import (DistillationLoss, FusedLinearInputs, LossInputs, LossOutput, SparseTarget,
                             fused_linear_mix_with_ce, loss_token_mask, masked_sum, mix_with_ce)
@@ -42,13 +44,17 @@ def sparse_mix_with_ce(name: str, inputs: LossInputs, *, divergence: str, temper
     target: SparseTarget = inputs.teacher_sparse
     mask = loss_token_mask(inputs.labels)
     if kernel == "eager":
+        # Positions off the mask hold the store's filler, where e.g. reverse KL is +inf (tail p = 0 < q): autograd
+        # would bring 0 * inf = NaN back from them. They reach the divergence through a detached copy, and the
+        # selection's backward drops whatever comes back there.
+        logits = torch.where(mask.unsqueeze(-1), inputs.student_logits, inputs.student_logits.detach())
         if taid_t is None:
-            per_token = sparse_divergence(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob,
+            per_token = sparse_divergence(logits, target.ids, target.logprobs, target.tail_logprob,
                                           divergence=divergence, temperature=temperature, tail=tail,
                                           **divergence_kwargs)
         else:
-            per_token = sparse_taid_kl(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob,
-                                       taid_t, temperature=temperature, tail=tail)
+            per_token = sparse_taid_kl(logits, target.ids, target.logprobs, target.tail_logprob, taid_t,
+                                       temperature=temperature, tail=tail)
         return mix_with_ce(name, masked_sum(per_token, mask), inputs, mask, ce_weight)
     out = sparse_loss(inputs.student_logits, target.ids, target.logprobs, target.tail_logprob, mask, inputs.labels,
                       divergence=divergence, temperature=temperature, ce_weight=ce_weight, taid_t=taid_t,

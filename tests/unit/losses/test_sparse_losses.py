@@ -129,3 +129,24 @@ def test_no_teacher_signal_is_a_clear_error():
     s, _, labels, _ = _batch(5)
     with pytest.raises(ValueError, match="teacher_logits or teacher_sparse"):
         DivergenceLoss("forward_kl")(LossInputs(student_logits=s, teacher_logits=None, labels=labels))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name,kw", [("reverse_kl", {}), ("jsd", {"beta": 1.0})])
+def test_store_filler_off_the_mask_leaves_the_gradient_finite(kernel, name, kw):
+    """Ignored positions carry the store's filler (ids 0..k-1, uniform log-probs, tail -inf), where the reverse KLs
+    are +inf: the loss and the gradient stay finite, and equal those with any other target there."""
+    s, _, labels, full = _batch(6)
+    k = 4
+    target = SparseTarget(full.ids[..., :k].clone(), full.logprobs[..., :k].clone(),
+                          torch.logsumexp(full.logprobs[..., k:], -1))
+    other = SparseTarget(target.ids.clone(), target.logprobs.clone(), target.tail_logprob.clone())
+    off = labels == -100
+    target.ids[off] = torch.arange(k)
+    target.logprobs[off] = -torch.log(torch.tensor(float(k)))
+    target.tail_logprob[off] = float("-inf")
+    loss = DivergenceLoss(name, ce_weight=0.1, kernel=kernel, **kw)
+    (out, grad), (out_other, grad_other) = (_run(loss, s, labels, teacher_sparse=t) for t in (target, other))
+    assert torch.isfinite(out.loss_sum) and torch.isfinite(grad).all()
+    torch.testing.assert_close(out.loss_sum, out_other.loss_sum)
+    torch.testing.assert_close(grad, grad_other)
