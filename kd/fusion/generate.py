@@ -73,7 +73,8 @@ def load_fusion(recipe: Any, tokenizer: Any, device) -> Any:
     # one process: a ZeRO-3 engine over one rank would only add a process group; every model is a replica
     replicas = recipe.model_copy(deep=True)
     for section in (replicas.teacher, replicas.teacher.fusion.small_base, *replicas.teacher.fusion.experts):
-        section.zero_stage, section.offload_params = 0, False
+        section.offload_params = False  # first: the section's check refuses offload without ZeRO-3
+        section.zero_stage = 0
     return build_fusion_teacher(replicas, device=device, resolve_path=resolve, tokenizer=tokenizer)
 
 
@@ -92,7 +93,8 @@ def generate_all(args: argparse.Namespace, recipe: Any, tokenizer: Any, rows: li
     config = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     eos = {tokenizer.eos_token_id}
     generation_eos = getattr(getattr(fusion.large.module, "generation_config", None), "eos_token_id", None)
-    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
+    eos |= set(generation_eos if isinstance(generation_eos, list)
+               else [generation_eos] if generation_eos is not None else [])
     single = recipe.teacher.fusion.mode == "single"
     batches = [list(range(i, min(i + args.batch_size, len(rows)))) for i in range(0, len(rows), args.batch_size)]
     rounds = -(-len(batches) // world)

@@ -74,3 +74,16 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, tmp_path, capsy
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err, err
         assert not out.exists()
+
+
+def test_one_process_makes_every_model_a_replica(tmp_path, model_dirs):  # noqa: F811
+    """ZeRO-3 sections (one with parameter offload) become plain replicas in one process: no engine, no group."""
+    from kd.fusion.generate import load_fusion
+    from kd.preflight import load_recipe_tokenizer
+
+    path = fusion_recipe(tmp_path, model_dirs)
+    recipe = load_recipe(str(path), ["teacher.zero_stage=3", "teacher.fusion.small_base.zero_stage=3",
+                                     "teacher.fusion.small_base.offload_params=true"])
+    fusion = load_fusion(recipe, load_recipe_tokenizer(recipe), torch.device("cpu"))
+    assert all(m.engine is None for m in (fusion.large, fusion.small, *fusion.experts))
+    assert recipe.teacher.fusion.small_base.offload_params  # the caller's recipe is left as it was
