@@ -124,7 +124,8 @@ def test_full_vocabulary_empty_tail(backend):
     names = list(F.DIVERGENCES) if backend == "torch" else ["reverse_kl", "jsd"]
     for name in names:
         run(backend, name, vocab=37, k=37, shape=(2, 3))
-    run(backend, "skew_kl", vocab=517, k=517, shape=(1, 2))
+    if backend == "torch":  # the kernel's full blocks: test_full_and_partial_blocks
+        run(backend, "skew_kl", vocab=517, k=517, shape=(1, 2))
     run(backend, "forward_kl", vocab=37, k=37, shape=(2, 3), taid_t=0.5)
 
 
