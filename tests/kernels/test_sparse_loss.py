@@ -226,3 +226,15 @@ def test_row_off_the_mask_with_an_infinite_divergence(backend):
     assert torch.isfinite(out.loss) and torch.isfinite(leaf.grad).all()
     ce_grad = 0.5 * (torch.softmax(s[0, 1], -1) - torch.nn.functional.one_hot(labels[0, 1], 41))
     torch.testing.assert_close(leaf.grad[0, 1], ce_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_stored_token(backend):
+    run(backend, "tvd", k=1, shape=(1, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_stored_tokens_than_a_block(backend):
+    """k = 600 > the interpreter's 512-entry block (some block has every lane stored)."""
+    run(backend, "forward_kl", vocab=1100, k=600, shape=(1, 2), ce_weight=0.0)
