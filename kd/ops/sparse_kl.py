@@ -13,9 +13,9 @@ Per row (the math is kd.ops.sparse_torch's docstring; the eager spec kd.losses.f
 
 Which entries are stored: the host sorts each row's ids (and log-probs with them), so the ids inside a block of BLOCK
 vocabulary entries are a contiguous run of the sorted list, found by counting; the block's lanes are compared with
-those ids only (picked out of the id vector in registers), K x BLOCK compares per row in all. The gradient goes to ``g`` in the student dtype (a separate
-buffer, or the student block itself on the fused-linear path: what pass C overwrites is never read again; the
-stored entries' logits were gathered before). Every reduction is fp32.
+those ids only (picked out of the id vector in registers), K x BLOCK compares per row in all. The gradient goes to
+``g`` in the student dtype (a separate buffer, or the student block itself on the fused-linear path: what pass C
+overwrites is never read again; the stored entries' logits were gathered before). Every reduction is fp32.
 """
 from __future__ import annotations
 

@@ -88,7 +88,8 @@ def test_fused_linear_sparse_at_full_vocabulary_equals_dense_fused(loss_factory,
     t = torch.randn(B, L, V, generator=gen) * 2
     _, _, labels, _ = _batch(3)
     ids = torch.stack([torch.randperm(V, generator=gen) for _ in range(B * L)]).view(B, L, V)
-    target = SparseTarget(ids, torch.log_softmax(t / temperature, -1).gather(-1, ids), torch.full((B, L), float("-inf")))
+    lp = torch.log_softmax(t / temperature, -1).gather(-1, ids)
+    target = SparseTarget(ids, lp, torch.full((B, L), float("-inf")))
     results = []
     for kwargs in ({"teacher_sparse": target}, {"teacher_logits": t}):
         loss = loss_factory()
