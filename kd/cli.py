@@ -142,9 +142,38 @@ def train(recipe_path: str, overrides: list[str], *, nproc: int | None, master_p
     cmd = local_launch_command(nproc, port, ["--recipe", recipe_path, *overrides])
     print(f"kd: launching {nproc} process(es): deepspeed --num_gpus {nproc} launchers/train.py --recipe {recipe_path}"
           + "".join(f" {o}" for o in overrides), file=sys.stderr, flush=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return run_launcher(cmd, port)
+
+
+def launch_ranks(nproc: int, script_args: list[str], *, module: str = "kd.launch") -> int:
+    """Start `nproc` local ranks of `module` (a per-rank entry like kd.launch) on the deepspeed launcher; their
+    exit code. For the commands besides `kd train` that run on ranks (generate, precompute, ...)."""
+    check_capacity(nproc)
+    port = _free_port()
+    cmd = local_launch_command(nproc, port, script_args)
+    cmd[cmd.index("kd.launch")] = module
+    return run_launcher(cmd, port)
+
+
+def run_launcher(cmd: list[str], port: int) -> int:
+    """Run the launcher to its end. Ctrl-C reaches the launcher and every rank too (one process group): the ranks
+    stop at the end of their step and save, so this process keeps waiting instead of killing the launcher, which
+    would orphan ranks in the middle of a checkpoint. A second Ctrl-C asks the launcher to stop them, a third kills."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    interrupts = 0
     try:
-        return subprocess.call(cmd, env=env)
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:
+                interrupts += 1
+                if interrupts == 1:
+                    print("kd: interrupted: the ranks finish their step, save and exit; waiting for them (Ctrl-C "
+                          "again to stop them without waiting)", file=sys.stderr, flush=True)
+                elif interrupts == 2:
+                    proc.terminate()
+                else:
+                    proc.kill()
     finally:
         remove_shm_buffers(port)
 

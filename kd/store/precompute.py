@@ -231,9 +231,7 @@ def _recipe_for_precompute(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """`kd precompute` in the kd process: everything checkable is checked before a rank starts."""
-    import subprocess
-
-    from kd.cli import _free_port, check_capacity, local_launch_command, remove_shm_buffers
+    from kd.cli import launch_ranks
     from kd.preflight import check_models, prepare_assets, prepare_data
 
     _check_flags(args)
@@ -245,17 +243,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--k must be at most the vocabulary ({len(tokenizer)}), got {args.k}", key="--k")
     prepare_data(recipe, tokenizer)
     nproc = args.nproc or recipe.run.nproc
-    check_capacity(nproc)
-    port = _free_port()
     argv = ["--k", str(args.k), "--out", store_dir, "--format", args.format, "--shard-samples",
             str(args.shard_samples), *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
             "--nproc", str(nproc), args.recipe, *args.overrides]
-    cmd = local_launch_command(nproc, port, argv)
-    cmd[cmd.index("kd.launch")] = "kd.store.precompute"  # the same per-rank launch as `kd train`, another entry
-    try:
-        return subprocess.call(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    finally:
-        remove_shm_buffers(port)
+    return launch_ranks(nproc, argv, module="kd.store.precompute")  # the per-rank entry is main() below
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -217,3 +217,16 @@ def test_held_out_metrics_from_a_full_store_equal_the_dense_ones():
     sparse = sparse_batch_sums(student, ids, values, tail, lp.gather(-1, labels.clamp_min(0)[..., None])[..., 0],
                                labels)
     assert torch.allclose(sparse, batch_sums(student, teacher, labels), atol=1e-5)
+
+
+@pytest.mark.parametrize("field", ["tokenizer_sha256", "chat_template_sha256", "vocab_size", "temperature", "seq_len",
+                                   "data_kind", "teacher", "samples", "num_samples"])
+def test_each_identity_field_of_the_manifest_is_checked(tiny, field):
+    from kd.teachers.store import check_store
+
+    expected = expected_identity(tiny["recipe"], tiny["tokenizer"], len(tiny["tokenizer"]), tiny["train"], tiny["eval"])
+    assert differences(tiny["manifest"], expected) == []
+    altered = {**tiny["manifest"], field: "something else"}
+    with pytest.raises(UserError) as info:
+        check_store(tiny["store"], altered, expected)
+    assert f"differs in: {field}: store \"something else\"" in str(info.value)
