@@ -43,8 +43,6 @@ class LossInputs:
     student_logits: Tensor  # [B, L, V], requires grad
     teacher_logits: Optional[Tensor]  # [B, L, V], no grad; None when the loss sets needs_teacher = False
     labels: Tensor  # [B, L] next-token ids, IGNORE_INDEX (-100) where no loss
-    # a stored top-k teacher (teacher.store) instead of teacher_logits; only for losses with "sparse" in teacher_signals
-    teacher_sparse: Optional[SparseTarget] = None
     student_hidden: Optional[tuple[Tensor, ...]] = None  # only when the loss sets needs_hidden_states: [B, L, H] each,
     # all layers (embeddings first) or those the loss names in student_hidden_layers / teacher_hidden_layers
     teacher_hidden: Optional[tuple[Tensor, ...]] = None
@@ -53,6 +51,9 @@ class LossInputs:
     # Losses that compute their gradient in forward (the dense one-pass path, kd.ops.dense_loss) store it at this
     # scale so backward has nothing left to do; None (unknown): stored at 1 and rescaled in backward, one more pass.
     grad_scale: Optional[float] = None
+    # a stored top-k teacher (teacher.store) instead of teacher_logits; only for losses with "sparse" in teacher_signals
+    # (last, so positional construction written before it existed keeps its meaning)
+    teacher_sparse: Optional[SparseTarget] = None
 
 
 @dataclass
@@ -71,10 +72,10 @@ class FusedLinearInputs:
     teacher_hidden: Optional[Tensor] = None  # [B, L, Ht], no grad
     teacher_weight: Optional[Tensor] = None  # [V'', Ht], no grad
     teacher_logits: Optional[Tensor] = None  # [B, L, V''], no grad
-    teacher_sparse: Optional[SparseTarget] = None  # a stored top-k teacher, as in LossInputs.teacher_sparse
     student_layers: Optional[tuple[Tensor, ...]] = None  # intermediate hidden states, as in LossInputs.student_hidden
     teacher_layers: Optional[tuple[Tensor, ...]] = None
     step: int = 1  # as LossInputs.step
+    teacher_sparse: Optional[SparseTarget] = None  # a stored top-k teacher, as in LossInputs.teacher_sparse
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from kd.config.schema import LossConfig, TRGConfig
 from kd.engine.student import DistillationModule
 from kd.errors import UserError
-from kd.losses import LossContext, build_loss
+from kd.losses import DistillationLoss, LossContext, build_loss
 from kd.models.heads import has_linear_head
 from kd.engine.loss_path import decide
 from kd.teachers import ModelTeacher, TeacherRequest
@@ -152,6 +152,14 @@ def test_the_loss_path_is_decided_once_from_loss_and_teacher():
     assert path.fused_linear and not path.teacher_head_in_loss and path.request.signal == "dense"
     store = TeacherInfo(name="store", vocab_size=97, hidden_size=0, num_layers=0, has_linear_head=False,
                         signals=("sparse",))
+    # the divergences read a stored top-k signal too: the store is asked for what it has, on either path
+    assert decide(loss, fused_linear=False, teacher=store).request.signal == "sparse"
+    path = decide(loss, fused_linear=True, teacher=store)
+    assert path.fused_linear and not path.teacher_head_in_loss and path.request.signal == "sparse"
+
+    class DenseOnly(DistillationLoss):  # a loss written before stores existed: dense logits only (the default)
+        pass
+
     with pytest.raises(UserError, match="produces sparse"):  # a dense-only loss on a top-k store: refused up front
-        decide(loss, fused_linear=False, teacher=store)
+        decide(DenseOnly(), fused_linear=False, teacher=store)
     assert not decide(build_loss(LossConfig(name="ce")), fused_linear=False, teacher=store).needs_teacher
