@@ -83,12 +83,14 @@ class ModelBackend:
     # ------------------------------------------------------------------ log-probs
     def mean_logprob(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Optional[float]]:
         """Mean log-prob per answer token given its chat prompt (fp32 log-softmax over the first ``vocab_size``
-        logits); None for an answer without tokens. Sequences longer than ``max_prompt_tokens`` keep the answer's
-        first tokens and the prompt's last ones."""
+        logits). An answer is scored as written, whitespace included (a student that answers with blank lines is
+        judged on them); an empty answer is scored as the EOS token alone (the log-prob of answering nothing), so it
+        competes instead of being left out. Sequences longer than ``max_prompt_tokens`` keep the answer's first
+        tokens and the prompt's last ones."""
         rows = []
         for prompt, answer in zip(prompts, answers):
-            a = self.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer.strip() else []
-            a = a[: self.max_prompt_tokens - 1]
+            a = self.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+            a = (a or [self.eos_ids[0]])[: self.max_prompt_tokens - 1]
             p = self._prompt(prompt, max(1, self.max_prompt_tokens - len(a)))
             rows.append((p, a))
         rank = dist.rank()

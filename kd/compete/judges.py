@@ -51,7 +51,7 @@ class Backend(Protocol):
         """The model's reply to each chat prompt (a user turn), identical on every rank."""
 
     def mean_logprob(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Optional[float]]:
-        """Mean log-prob per token of each answer after its chat prompt; None for an answer without tokens."""
+        """Mean log-prob per token of each answer after its chat prompt (None: it cannot be scored)."""
 
 
 # ---------------------------------------------------------------------------------------------- the prompted judge

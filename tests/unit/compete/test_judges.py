@@ -88,7 +88,7 @@ def test_likelihood_judge_against_a_direct_computation():
                                          pad_token_id=tok.pad_token_id)).eval()
     pairs = [Pair("What is the capital of France?", "Paris is the capital of France.", "The fox."),
              Pair("Count to three.", "One, two, three.", "One, two, three, four, five, six."),
-             Pair("Say nothing.", "The word.", "")]
+             Pair("Say nothing.", "The word.", ""), Pair("Blank lines.", "The word.", "\n\n\n")]
     backend = ModelBackend(Target(model), tok, seed=0, batch_size=2, max_prompt_tokens=200)
     verdicts = LikelihoodJudge().score(pairs, backend)
 
@@ -100,11 +100,13 @@ def test_likelihood_judge_against_a_direct_computation():
         logp = torch.log_softmax(logits, -1)
         return sum(logp[len(p) - 1 + k, t].item() for k, t in enumerate(a)) / len(a)
 
-    for pair, v in zip(pairs[:2], verdicts[:2]):
+    for pair, v in zip(pairs, verdicts):
         assert v.teacher == pytest.approx(direct(pair.instruction, pair.teacher), abs=1e-5)
-        assert v.student == pytest.approx(direct(pair.instruction, pair.student), abs=1e-5)
-    assert not verdicts[2].ok  # an empty answer has no tokens to score: left out
-    assert all(v.teacher < 0 for v in verdicts[:2])
+        if pair.student:
+            assert v.student == pytest.approx(direct(pair.instruction, pair.student), abs=1e-5)
+    # an empty answer is scored as answering nothing: the log-prob of EOS right after the prompt
+    assert verdicts[2].student == pytest.approx(direct(pairs[2].instruction, tok.eos_token), abs=1e-5)
+    assert all(v.ok and v.teacher < 0 for v in verdicts)
 
 
 def test_registry_and_threshold_checks():
