@@ -143,12 +143,12 @@ def evaluate_batches(batches: Iterable[dict[str, Tensor]], *, student: Callable[
     """
     with torch.no_grad():
         for batch in batches:
-            teacher_out = teacher(batch)
+            student_logits, teacher_out = student(batch), teacher(batch)
             if isinstance(teacher_out, torch.Tensor):
-                part = batch_sums(shift(student(batch), vocab_size), shift(teacher_out, vocab_size),
+                part = batch_sums(shift(student_logits, vocab_size), shift(teacher_out, vocab_size),
                                   batch["labels"][:, 1:])
             else:  # a sparse teacher (kd.teachers.store)
-                part = sparse_batch_sums(shift(student(batch), vocab_size), shift(teacher_out.topk_ids),
+                part = sparse_batch_sums(shift(student_logits, vocab_size), shift(teacher_out.topk_ids),
                                          shift(teacher_out.topk_logprobs), shift(teacher_out.tail_logprob),
                                          shift(teacher_out.label_logprob), batch["labels"][:, 1:])
             sums = part if sums is None else sums + part
