@@ -2,8 +2,6 @@
 the seed pool and the models in this process (one-line errors, nothing started), then launch the ranks."""
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 from kd.errors import UserError
@@ -42,7 +40,7 @@ def check(recipe_path: str, overrides: list[str]):
 
 
 def run(recipe_path: str, overrides: list[str], *, nproc: int | None, master_port: int | None) -> int:
-    from kd.cli import _free_port, _port_free, check_capacity, local_launch_command, remove_shm_buffers
+    from kd.cli import _free_port, _port_free, check_capacity, local_launch_command, run_launcher
 
     recipe = check(recipe_path, overrides)
     nproc = nproc or recipe.run.nproc
@@ -54,7 +52,4 @@ def run(recipe_path: str, overrides: list[str], *, nproc: int | None, master_por
     cmd[cmd.index("kd.launch")] = "kd.compete.launch"  # the same per-rank launch as `kd train`, another entry
     print(f"kd: launching {nproc} process(es) of kd compete {recipe_path}" + "".join(f" {o}" for o in overrides),
           file=sys.stderr, flush=True)
-    try:
-        return subprocess.call(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    finally:
-        remove_shm_buffers(port)
+    return run_launcher(cmd, port)  # Ctrl-C: waits while the ranks save (kd.cli.run_launcher)

@@ -142,18 +142,9 @@ def run(args: argparse.Namespace) -> int:
         gen_cli.write_output(args.out, generate_all(args, recipe, tokenizer, rows, prompt_ids))
         _done(args, len(rows))
         return 0
-    import subprocess
+    from kd.cli import launch_ranks
 
-    from kd.cli import _free_port, check_capacity, local_launch_command, remove_shm_buffers
-
-    check_capacity(args.nproc)
-    port = _free_port()
-    cmd = local_launch_command(args.nproc, port, rank_argv(args))
-    cmd[cmd.index("kd.launch")] = "kd.fusion.generate"  # the same per-rank launch as `kd train`, another entry
-    try:
-        return subprocess.call(cmd, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    finally:
-        remove_shm_buffers(port)
+    return launch_ranks(args.nproc, rank_argv(args), module="kd.fusion.generate")  # the per-rank entry is main()
 
 
 def main(argv: list[str] | None = None) -> int:
