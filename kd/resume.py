@@ -74,16 +74,46 @@ def find_checkpoint(recipe: Recipe, run_ckpt_dir: str, log: Callable[[str], None
     return path, tag
 
 
+def schema_default(dotted: str) -> Any:
+    """The recipe schema's default for a dotted key, as it is written to recipe.yaml; None when the key has no
+    default or is not a schema field."""
+    from pydantic import BaseModel
+
+    model: Any = Recipe
+    field = None
+    for part in dotted.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        annotation = field.annotation
+        # Optional[Section] -> Section: walk into the model a value of this key would be.
+        args = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = args[0] if args else annotation
+    if field is None or field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys under IDENTITY_KEYS whose values differ between two resolved recipes."""
     out: list[str] = []
+    missing = object()
 
     def walk(a: Any, b: Any, key: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
-                walk(a.get(k), b.get(k), f"{key}.{k}")
-        elif a != b:
-            out.append(f"{key}: {a!r} -> {b!r}")
+                walk(a.get(k, missing), b.get(k, missing), f"{key}.{k}")
+            return
+        # A knob one side's kd did not have yet: that kd computed what the knob's default computes (new knobs are
+        # added with the old behaviour as their default), so a run recorded before it existed is the same run.
+        if a is missing:
+            a = schema_default(key)
+        if b is missing:
+            b = schema_default(key)
+        if a != b:
+            out.append(f"{key}: {None if a is missing else a!r} -> {None if b is missing else b!r}")
 
     def get(tree: dict[str, Any], dotted: str) -> Any:
         for part in dotted.split("."):

@@ -138,3 +138,16 @@ def test_unreadable_checkpoint_file(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(UserError, match="cannot read checkpoint file"):
         safe_load(str(path))
+
+
+def test_a_knob_added_after_the_run_counts_at_its_default():
+    # A run recorded by a kd without loss.sparse_tail (or any later knob) is the same run as one at that knob's
+    # default, and a different one from a run that sets it to something else.
+    saved = recipe().model_dump(mode="json")
+    del saved["loss"]["sparse_tail"]
+    assert recipe_differences(saved, recipe().model_dump(mode="json")) == []
+    changed = recipe(loss__sparse_tail="renormalize").model_dump(mode="json")
+    assert recipe_differences(saved, changed) == ["loss.sparse_tail: 'bucket' -> 'renormalize'"]
+    # And the other way round: a knob the current kd no longer has is still listed.
+    saved["loss"]["old_knob"] = 3
+    assert recipe_differences(saved, recipe().model_dump(mode="json")) == ["loss.old_knob: 3 -> None"]
