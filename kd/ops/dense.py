@@ -55,14 +55,19 @@ def rescale_(flat: Tensor, grad_output: Tensor, expected: float) -> None:
         flat.mul_((grad_output.float() / expected).to(flat.dtype))
 
 
-class _DenseLoss(torch.autograd.Function):
+class OnePassLoss(torch.autograd.Function):
+    """``loss = kd_weight * sum(kd rows) + ce_weight * sum(ce rows)`` (plus the two sums, detached) whose gradient
+    w.r.t. the student logits ``fill`` writes during forward; backward hands that buffer over.
+
+    ``fill(grad, kd_factor, ce_factor) -> (kd_rows, ce_rows)`` fills ``grad`` with the gradient of
+    ``kd_factor * sum(kd rows) + ce_factor * sum(ce rows)``; it closes over the teacher side (dense logits here, the
+    stored top-k in kd.ops.sparse), which gets no gradient. ``buffer(student) -> (grad, flat)`` allocates the gradient
+    (``flat``: the same memory as one tensor, for the in-place rescale)."""
+
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,
-                kd_weight: float, ce_weight: float, grad_scale: float, backend: tuple):
-        run, buffer = backend
+    def forward(ctx, student: Tensor, fill, buffer, kd_weight: float, ce_weight: float, grad_scale: float):
         grad, flat = buffer(student)
-        kd_rows, ce_rows = run(student, teacher, mask, labels, spec, kd_weight * grad_scale,
-                                          ce_weight * grad_scale, grad)
+        kd_rows, ce_rows = fill(grad, kd_weight * grad_scale, ce_weight * grad_scale)
         ctx.grad, ctx.flat, ctx.grad_scale = grad, flat, grad_scale
         kd_sum, ce_sum = kd_rows.sum(), ce_rows.sum()
         ctx.mark_non_differentiable(kd_sum, ce_sum)
@@ -75,7 +80,14 @@ class _DenseLoss(torch.autograd.Function):
         grad, flat = ctx.grad, ctx.flat
         ctx.grad = ctx.flat = None  # the buffer now belongs to autograd alone
         rescale_(flat, grad_loss, ctx.grad_scale)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None
+
+
+def checked_scale(grad_scale: Optional[float]) -> float:
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    if not scale > 0:
+        raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
+    return scale
 
 
 class _DenseRows(torch.autograd.Function):
@@ -109,11 +121,14 @@ def dense_loss_rows(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor
                     backend: str, rows: Optional[int] = None) -> FusedLossOutput:
     """`kd.ops.dense_loss` once the backend is known (arguments there)."""
     student, teacher = _rows_layout(student_logits), _rows_layout(teacher_logits.detach())
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    if not scale > 0:
-        raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
-    loss, kd_sum, ce_sum = _DenseLoss.apply(student, teacher, mask.reshape(-1), labels.reshape(-1), spec,
-                                            float(kd_weight), float(ce_weight), scale, _backend(backend, rows))
+    mask, labels = mask.reshape(-1), labels.reshape(-1)
+    run, buffer = _backend(backend, rows)
+
+    def fill(grad: Tensor, kd_factor: float, ce_factor: float):
+        return run(student, teacher, mask, labels, spec, kd_factor, ce_factor, grad)
+
+    loss, kd_sum, ce_sum = OnePassLoss.apply(student, fill, buffer, float(kd_weight), float(ce_weight),
+                                             checked_scale(grad_scale))
     return FusedLossOutput(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=mask.sum())
 
 

@@ -5,18 +5,18 @@
 D runs over the K + 1 buckets of `kd.losses.functional.sparse_buckets` (the k stored ids and the tail), or the k ids
 renormalized with ``tail="renormalize"``; the closed forms are in kd.ops.sparse_torch's docstring. Forward runs one
 pass (kd.ops.sparse_torch.sparse_pass on CPU, the row kernel kd.ops.sparse_kl on CUDA) that writes the gradient into
-one buffer shaped like the student logits, in their dtype, at the scale backward will bring (``grad_scale``), exactly
-as kd.ops.dense does for dense teachers; backward hands that buffer over (rescaled if grad_output differs).
+one buffer shaped like the student logits, in their dtype, at the scale backward will bring (``grad_scale``), through
+kd.ops.dense.OnePassLoss, the autograd node dense teachers use (backward hands the buffer over, rescaled if
+grad_output differs).
 """
 from __future__ import annotations
 
 import functools
 from typing import Optional
 
-import torch
 from torch import Tensor
 
-from kd.ops.dense import _TWICE, _rows_layout, _torch_buffer, rescale_
+from kd.ops.dense import OnePassLoss, _rows_layout, _torch_buffer, checked_scale
 from kd.ops.spec import DivergenceSpec, FusedLossOutput
 from kd.ops import sparse_torch
 
@@ -39,30 +39,6 @@ def _backend(backend: str, rows: Optional[int]):
     return functools.partial(sparse_torch.sparse_pass, rows=rows), _torch_buffer
 
 
-class _SparseLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor, mask: Tensor,
-                labels: Tensor, spec: DivergenceSpec, tail: str, kd_weight: float, ce_weight: float,
-                grad_scale: float, backend: tuple):
-        run, buffer = backend
-        grad, flat = buffer(student)
-        kd_rows, ce_rows = run(student, ids, logprobs, tail_logprob, mask, labels, spec, tail,
-                               kd_weight * grad_scale, ce_weight * grad_scale, grad)
-        ctx.grad, ctx.flat, ctx.grad_scale = grad, flat, grad_scale
-        kd_sum, ce_sum = kd_rows.sum(), ce_rows.sum()
-        ctx.mark_non_differentiable(kd_sum, ce_sum)
-        return kd_weight * kd_sum + ce_weight * ce_sum, kd_sum, ce_sum
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor, _kd: Tensor, _ce: Tensor):
-        if ctx.grad is None:
-            raise RuntimeError(_TWICE)
-        grad, flat = ctx.grad, ctx.flat
-        ctx.grad = ctx.flat = None  # the buffer now belongs to autograd alone
-        rescale_(flat, grad_loss, ctx.grad_scale)
-        return (grad,) + (None,) * 11
-
-
 def sparse_layout(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail_logprob: Tensor):
     """Student logits as 2-D/3-D rows with unit stride along V (a [B, L, V] view is kept), the sparse tensors in the
     same leading shape, ids long and the log-probs fp32 (detached)."""
@@ -78,10 +54,12 @@ def sparse_loss_rows(student_logits: Tensor, ids: Tensor, logprobs: Tensor, tail
                      grad_scale: Optional[float], backend: str, rows: Optional[int] = None) -> FusedLossOutput:
     """`kd.ops.sparse_loss` once the backend is known (arguments there)."""
     student, ids, logprobs, tail_logprob = sparse_layout(student_logits, ids, logprobs, tail_logprob)
-    scale = 1.0 if grad_scale is None else float(grad_scale)
-    if not scale > 0:
-        raise ValueError(f"grad_scale must be > 0, got {grad_scale}")
-    loss, kd_sum, ce_sum = _SparseLoss.apply(student, ids, logprobs, tail_logprob, mask.reshape(-1),
-                                             labels.reshape(-1), spec, check_tail(tail), float(kd_weight),
-                                             float(ce_weight), scale, _backend(backend, rows))
+    mask, labels, tail = mask.reshape(-1), labels.reshape(-1), check_tail(tail)
+    run, buffer = _backend(backend, rows)
+
+    def fill(grad: Tensor, kd_factor: float, ce_factor: float):
+        return run(student, ids, logprobs, tail_logprob, mask, labels, spec, tail, kd_factor, ce_factor, grad)
+
+    loss, kd_sum, ce_sum = OnePassLoss.apply(student, fill, buffer, float(kd_weight), float(ce_weight),
+                                             checked_scale(grad_scale))
     return FusedLossOutput(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=mask.sum())
