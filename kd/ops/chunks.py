@@ -19,6 +19,9 @@ from kd.ops.torch_path import block_step
 # kd_weight, ce_weight) -> (kd_rows [C] fp32, ce_rows [C] fp32). It overwrites the student logits with the gradient of
 # sum_rows(kd_weight * mask * kd_row + ce_weight * (label valid) * ce_row) w.r.t. them, in their dtype.
 ChunkStep = Callable[[Tensor, Tensor, Tensor, Tensor, DivergenceSpec, float, float], tuple[Tensor, Tensor]]
+# What `FusedLinearChunks` runs per block: (row slice, student logits [C, V] in place -> G) -> (kd rows, ce rows),
+# closing over the teacher side (dense logits or hidden states here, a stored top-k in kd.ops.sparse_fused).
+BlockLoss = Callable[[slice, Tensor], tuple[Tensor, Tensor]]
 
 # Logits per block on the torch path (the Triton path picks its own, kd.ops.fused_linear_kl.default_chunk_rows).
 TORCH_BLOCK_ELEMENTS = 1 << 23
@@ -91,8 +94,8 @@ class FusedLinearChunks(torch.autograd.Function):
     """``loss = S / normalizer``, ``S = (1 - w) * kd_sum + w * ce_sum``, of a linear head; gradients computed in
     forward, chunk by chunk.
 
-    For each block of rows c: ``z_s = h_s[c] W_s^T`` and ``z_t = h_t[c] W_t^T`` (or the given teacher logits), the
-    chunk step turns z_s into ``G = dS/dz_s`` in place, then ``dS/dh_s[c] = G W_s`` and ``dS/dW_s += G^T h_s[c]``
+    For each block of rows c: ``z_s = h_s[c] W_s^T``; ``block_loss`` turns z_s into ``G = dS/dz_s`` in place against
+    the block's teacher side (``z_t = h_t[c] W_t^T``, the given teacher logits, or a stored top-k), then ``dS/dh_s[c] = G W_s`` and ``dS/dW_s += G^T h_s[c]``
     (fp32 accumulator, divided by the normalizer before the cast to the weight dtype, so a sum over many tokens cannot
     overflow fp16). Backward only scales the stored gradients by grad_output, so grad_output != 1 costs two small
     elementwise products, and it never touches W_s (a ZeRO-3 lm_head need not be gathered again). Peak extra memory:
@@ -100,9 +103,8 @@ class FusedLinearChunks(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Optional[Tensor], w_t: Optional[Tensor],
-                z_t: Optional[Tensor], mask: Tensor, labels: Tensor, spec: DivergenceSpec, ce_weight: float,
-                vocab: int, rows: int, step: ChunkStep, normalizer: Scalar):
+    def forward(ctx, h_s: Tensor, w_s: Tensor, block_loss: BlockLoss, ce_weight: float, vocab: int, rows: int,
+                normalizer: Scalar):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         w_shared = w_s[:vocab]  # rows past the shared vocabulary (padding) get no logits and a zero gradient
         grad_h = torch.empty(h_s.shape, dtype=h_s.dtype, device=h_s.device) if want_h else None
@@ -111,10 +113,7 @@ class FusedLinearChunks(torch.autograd.Function):
         ce_rows = torch.zeros_like(kd_rows)
         for blk in _row_blocks(h_s.shape[0], rows):
             logits = _head_logits(h_s[blk], w_shared)
-            teacher = _block_rows(z_t, blk, vocab) if z_t is not None else _head_logits(h_t[blk], w_t[:vocab])
-            kd_rows[blk], ce_rows[blk] = step(logits, teacher, mask[blk], labels[blk], spec, 1.0 - ce_weight,
-                                              ce_weight)
-            del teacher
+            kd_rows[blk], ce_rows[blk] = block_loss(blk, logits)
             if want_h:
                 torch.mm(logits, w_shared, out=grad_h[blk])
             if want_w:
@@ -134,7 +133,7 @@ class FusedLinearChunks(torch.autograd.Function):
         # Out of place (a retained graph may run backward twice); each product is computed in fp32, rounded once.
         out_h = grad_h * (grad_loss / ctx.normalizer) if grad_h is not None else None
         out_w = grad_w * grad_loss if grad_w is not None else None
-        return out_h, out_w, None, None, None, None, None, None, None, None, None, None, None
+        return out_h, out_w, None, None, None, None, None
 
 
 def fused_linear_chunks(student_hidden: Tensor, student_weight: Tensor, mask: Tensor, labels: Tensor, *,
@@ -168,7 +167,10 @@ def fused_linear_chunks(student_hidden: Tensor, student_weight: Tensor, mask: Te
                          f"teacher {t_rows}")
     if isinstance(normalizer, Tensor):
         normalizer = normalizer.detach().to(device=h_s.device, dtype=torch.float32)
-    loss, kd_sum, ce_sum = FusedLinearChunks.apply(h_s, student_weight, h_t, w_t, z_t, mask, labels, spec,
-                                                   float(ce_weight), vocab, _rows_per_block(vocab, chunk_size), step,
-                                                   normalizer)
+    def block_loss(blk: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
+        teacher = _block_rows(z_t, blk, vocab) if z_t is not None else _head_logits(h_t[blk], w_t[:vocab])
+        return step(logits, teacher, mask[blk], labels[blk], spec, 1.0 - ce_weight, ce_weight)
+
+    loss, kd_sum, ce_sum = FusedLinearChunks.apply(h_s, student_weight, block_loss, float(ce_weight), vocab,
+                                                   _rows_per_block(vocab, chunk_size), normalizer)
     return FusedLossOutput(loss=loss, kd_sum=kd_sum, ce_sum=ce_sum, num_tokens=mask.sum())
