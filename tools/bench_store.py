@@ -122,8 +122,9 @@ def train_both(recipe_path: str, overrides: list[str], *, steps: int, k: int, ou
     if not (store / "manifest.json").exists():
         _kd("precompute", recipe_path, *overrides, "--k", str(k), "--out", str(store))
     rows = []
-    for name, extra in (("online", []), (f"store k={k}", [f"teacher.store={store}"])):
-        run = out / name.replace(" ", "_").replace("=", "")
+    # The run directories must not be the store's own (store_k64): a run writes recipe.yaml, checkpoints/ there.
+    for name, run, extra in (("online", out / "online", []),
+                             (f"store k={k}", out / f"from_store_k{k}", [f"teacher.store={store}"])):
         _kd("train", recipe_path, *common, f"run.output_dir={run}", *extra)
         result = out / f"{run.name}_eval.json"
         _kd("eval", recipe_path, *overrides, f"run.output_dir={run}", "--json", str(result))
