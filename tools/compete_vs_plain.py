@@ -13,9 +13,14 @@ Steps, each skipped when its result is already on disk (so a re-run continues wh
    `kd eval` (held-out NLL, KL, top-1 agreement on data.eval) and `python -m kd.compete.evaluate` against round r's
    scores.jsonl (the instructions and teacher answers the compete student was judged on in round r).
 
-Prints a markdown table and writes OUT/results.json. The compete student's win rate is given twice: as the run
-recorded it (rounds.jsonl, judged inside the run on its engines) and as kd.compete.evaluate measures it, the way the
-plain student's is measured.
+The compete student's numbers are the run's own (rounds.jsonl: its win rate judged in the discrimination phase, its
+held-out eval/* logged by its trainer after the round's imitation on the same data.eval); with --recheck-compete its
+checkpoints also go through `kd eval` and kd.compete.evaluate, exactly as the plain student's (a second win-rate
+column). The plain run logs the same in-training eval every imitation_steps steps (metrics.jsonl), kept in
+results.json as a cross-check of `kd eval`.
+
+Prints a markdown table and writes OUT/results.json. --parts runs only some steps (e.g. the plain run while the
+compete run is still going in another process); every step still skips what is already on disk.
 """
 from __future__ import annotations
 
@@ -63,6 +68,25 @@ def head_to_head(path: str) -> dict[str, Any]:
     return rows[0]
 
 
+def run_evals(rounds: dict[int, dict[str, Any]], steps_per_round: int) -> dict[int, dict[str, float]]:
+    """step -> the held-out metrics a compete run's round records hold (eval/* after each round's imitation), without
+    the eval/ prefix."""
+    return {r * steps_per_round: {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("eval/")}
+            for r, row in rounds.items()}
+
+
+def metrics_evals(path: str) -> dict[int, dict[str, float]]:
+    """step -> the eval/* scalars of a kd training run's metrics.jsonl, without the prefix."""
+    out: dict[int, dict[str, float]] = {}
+    with open(path) as f:
+        for line in f:
+            row = json.loads(line) if line.strip() else {}
+            found = {k.split("/", 1)[1]: v for k, v in row.items() if k.startswith("eval/")}
+            if found:
+                out.setdefault(int(row["step"]), {}).update(found)
+    return out
+
+
 def table_rows(rounds: dict[int, dict[str, Any]], steps_per_round: int,
                evals: dict[tuple[str, int], dict[str, float]],
                duels: dict[tuple[str, int], dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,25 +111,28 @@ def _fmt(value: Optional[float], digits: int = 3) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = ("| round | steps | pool | win rate: compete (in run) | win rate: compete | win rate: plain "
-              "| NLL: compete | NLL: plain | KL: compete | KL: plain | top-1: compete | top-1: plain |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for row in rows:
-        cells = [str(row["round"]), str(row["step"]), str(row["pool_size"]),
-                 _fmt(row["win_rate/compete_in_run"]), _fmt(row["win_rate/compete"]), _fmt(row["win_rate/plain"]),
-                 _fmt(row["student_nll/compete"]), _fmt(row["student_nll/plain"]),
-                 _fmt(row["kl/compete"]), _fmt(row["kl/plain"]),
-                 _fmt(row["top1_agreement/compete"]), _fmt(row["top1_agreement/plain"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    """The rows as a markdown table; the rechecked compete win rate only when some row has one."""
+    columns = [("round", "round", str), ("steps", "step", str), ("pool", "pool_size", str),
+               ("win rate: compete (in run)", "win_rate/compete_in_run", _fmt),
+               ("win rate: compete (rechecked)", "win_rate/compete", _fmt), ("win rate: plain", "win_rate/plain", _fmt),
+               ("NLL: compete", "student_nll/compete", _fmt), ("NLL: plain", "student_nll/plain", _fmt),
+               ("KL: compete", "kl/compete", _fmt), ("KL: plain", "kl/plain", _fmt),
+               ("top-1: compete", "top1_agreement/compete", _fmt), ("top-1: plain", "top1_agreement/plain", _fmt)]
+    if all(row["win_rate/compete"] is None for row in rows):
+        columns = [c for c in columns if c[1] != "win_rate/compete"]
+    lines = ["| " + " | ".join(title for title, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(show(row[key]) for _, key, show in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- the runs
 class Evidence:
-    def __init__(self, recipe_path: str, out: str, nproc: Optional[int], overrides: list[str]):
+    def __init__(self, recipe_path: str, out: str, nproc: Optional[int], overrides: list[str], *,
+                 recheck_compete: bool = False, parts: tuple[str, ...] = ("compete", "plain", "evals")):
         from kd.config import load_recipe
 
         self.recipe_path, self.out, self.nproc, self.overrides = recipe_path, os.path.abspath(out), nproc, overrides
+        self.recheck_compete, self.parts = recheck_compete, parts
         recipe = load_recipe(recipe_path, overrides)
         if recipe.compete is None:
             raise SystemExit(f"{recipe_path}: no compete section")
@@ -163,11 +190,13 @@ class Evidence:
                             f"checkpoint.interval={self.steps}", f"checkpoint.keep_last={self.rounds}",
                             f"eval.interval={self.steps}", *self._nproc()])
 
-    def evaluations(self) -> tuple[dict, dict]:
+    def evaluations(self, rounds: dict[int, dict[str, Any]]) -> tuple[dict, dict]:
         evals, duels = {}, {}
+        for step, metrics in run_evals(rounds, self.steps).items():
+            evals[("compete", step)] = metrics
         for r in range(1, self.rounds + 1):
             step = r * self.steps
-            for side in ("compete", "plain"):
+            for side in ("compete", "plain") if self.recheck_compete else ("plain",):
                 ckpt = self.checkpoint(side, step)
                 out = os.path.join(self.eval_dir, f"{side}_{TAG.format(step)}.eval.json")
                 if not os.path.isfile(out):
@@ -185,13 +214,20 @@ class Evidence:
     def run(self) -> dict[str, Any]:
         self.timings: dict[str, float] = {}
         started = time.time()
-        self.compete()
-        self.plain()
-        evals, duels = self.evaluations()
+        if "compete" in self.parts:
+            self.compete()
+        if "plain" in self.parts:
+            self.plain()
+        if "evals" not in self.parts:
+            return {}
         rounds = read_rounds(os.path.join(self.compete_dir, "compete", "rounds.jsonl"))
+        evals, duels = self.evaluations(rounds)
         rows = table_rows(rounds, self.steps, evals, duels)
+        plain_metrics = os.path.join(self.plain_dir, "metrics.jsonl")
         result = {"recipe": self.recipe_path, "overrides": self.overrides, "rounds": self.rounds,
-                  "imitation_steps": self.steps, "rows": rows, "compete_rounds": rounds,
+                  "imitation_steps": self.steps, "recheck_compete": self.recheck_compete, "rows": rows,
+                  "compete_rounds": rounds,
+                  "plain_in_training_evals": metrics_evals(plain_metrics) if os.path.isfile(plain_metrics) else {},
                   "duels": {f"{side}_{step}": d for (side, step), d in duels.items()},
                   "seconds_this_invocation": {**self.timings, "total": time.time() - started}}
         from kd.files import atomic_write
@@ -206,9 +242,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.path=value, applied to every run")
     parser.add_argument("--out", required=True, help="compete/, plain/, evals/, logs/ and results.json go here")
     parser.add_argument("--nproc", type=int, default=None, help="ranks of the two training runs (default run.nproc)")
+    parser.add_argument("--recheck-compete", action="store_true",
+                        help="also run kd eval and kd.compete.evaluate on the compete student's checkpoints")
+    parser.add_argument("--parts", nargs="+", choices=["compete", "plain", "evals"],
+                        default=["compete", "plain", "evals"], help="steps to do (default: all)")
     args = parser.parse_args(argv)
     sys.path.insert(0, REPO)
-    result = Evidence(args.recipe, args.out, args.nproc, args.overrides).run()
+    result = Evidence(args.recipe, args.out, args.nproc, args.overrides, recheck_compete=args.recheck_compete,
+                      parts=tuple(args.parts)).run()
+    if not result:
+        return 0
     print(markdown_table(result["rows"]))
     print(f"compete_vs_plain: wrote {os.path.join(os.path.abspath(args.out), 'results.json')}")
     return 0
