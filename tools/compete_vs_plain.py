@@ -194,7 +194,7 @@ class Evidence:
         evals, duels = {}, {}
         for step, metrics in run_evals(rounds, self.steps).items():
             evals[("compete", step)] = metrics
-        for r in range(1, self.rounds + 1):
+        for r in sorted(rounds):  # the rounds the compete run has finished (all of them once it is done)
             step = r * self.steps
             for side in ("compete", "plain") if self.recheck_compete else ("plain",):
                 ckpt = self.checkpoint(side, step)

@@ -118,3 +118,13 @@ def test_a_rerun_skips_every_finished_part(tool, tmp_path, monkeypatch):
     calls.clear()
     assert tool.Evidence(str(RECIPE), str(tmp_path), 2, [], parts=("plain",)).run() == {}
     assert [c[3] for c in calls] == ["train"]
+
+
+def test_a_compete_run_still_going_gives_the_rounds_it_finished(tool, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    _finished_run(tmp_path)
+    rounds = tmp_path / "compete/compete/rounds.jsonl"
+    rounds.write_text(rounds.read_text().splitlines()[0] + "\n")
+    rows = tool.Evidence(str(RECIPE), str(tmp_path), 2, [], parts=("evals",)).run()["rows"]
+    assert calls == [] and [row["round"] for row in rows] == [1]
