@@ -13,11 +13,10 @@ section asks for (``zero_stage: 3`` shards it across the ranks, as in training).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
-from kd.errors import EXIT_USER_ERROR, UserError
+from kd.errors import UserError
 from kd.generation import cli as gen_cli
 
 PROG = "kd fuse-generate"
@@ -153,21 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    from kd.engine import dist
-
-    try:
-        recipe, tokenizer, rows, prompt_ids = prepare(args)  # already checked by the kd process: cannot fail here
-        dist.init()
-        results = generate_all(args, recipe, tokenizer, rows, prompt_ids)
-        if dist.is_main():
-            gen_cli.write_output(args.out, results)
-            _done(args, len(rows))
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(e.report(), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    dist.shutdown()  # every rank got here together: leave the group before gloo's threads can abort the exit
-    return 0
+    return gen_cli.rank_body(args, prepare, generate_all, lambda n: _done(args, n))
 
 
 if __name__ == "__main__":

@@ -180,8 +180,36 @@ def generate_all(args: argparse.Namespace, recipe: Any, tokenizer: Any, rows: li
 def write_output(path: str, results: list[dict[str, Any]]) -> None:
     from kd.files import atomic_write
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(os.path.abspath(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in results))
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic_write(os.path.abspath(path), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in results))
+    except OSError as e:  # a full disk or a read-only directory: one line, and nothing half-written (atomic)
+        raise UserError(f"cannot write the completions: {e.strerror or e}", file=path) from None
+
+
+def rank_body(args: argparse.Namespace, prepare, generate_all, finished) -> int:
+    """What every rank of a generating command runs (kd generate, kd fuse-generate): prepare, generate in lockstep,
+    rank 0 writes ``args.out`` and calls ``finished(n_rows)``. A failure on rank 0's write reaches every rank (no
+    rank is left in a barrier), and all leave the process group together (a rank tearing gloo down while a peer still
+    receives aborts the process)."""
+    from kd.engine import dist
+
+    try:
+        recipe, tokenizer, rows, prompt_ids = prepare(args)  # already checked by the kd process: cannot fail here
+        dist.init()
+        results = generate_all(args, recipe, tokenizer, rows, prompt_ids)
+
+        def write() -> None:
+            write_output(args.out, results)
+            finished(len(rows))
+
+        dist.run_on_main(write)
+    except UserError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e.report(), file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    dist.shutdown()
+    return 0
 
 
 def rank_argv(args: argparse.Namespace) -> list[str]:
@@ -198,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     recipe, tokenizer, rows, prompt_ids = prepare(args)
     if args.nproc == 1:
         write_output(args.out, generate_all(args, recipe, tokenizer, rows, prompt_ids))
-        print(f"kd generate: wrote {len(rows)} completions to {args.out}", file=sys.stderr)
+        _wrote(args, len(rows))
         return 0
     from kd.cli import launch_ranks
 
@@ -211,21 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    from kd.engine import dist
+    return rank_body(args, prepare, generate_all, lambda n: _wrote(args, n))
 
-    try:
-        recipe, tokenizer, rows, prompt_ids = prepare(args)  # already checked by the kd process: cannot fail here
-        dist.init()
-        results = generate_all(args, recipe, tokenizer, rows, prompt_ids)
-        if dist.is_main():
-            write_output(args.out, results)
-            print(f"kd generate: wrote {len(rows)} completions to {args.out}", file=sys.stderr)
-        dist.barrier()
-    except UserError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(e.report(), file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    return 0
+
+def _wrote(args: argparse.Namespace, n: int) -> None:
+    print(f"kd generate: wrote {n} completions to {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -86,3 +86,15 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(setup, tmp_path, capsy
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(message), (err, message)
         assert not out.exists()
+
+
+def test_a_write_that_fails_is_one_line_naming_the_file(tmp_path):
+    from kd.errors import UserError
+    from kd.generation.cli import write_output
+
+    (tmp_path / "taken").write_text("a file where the output's directory should be")
+    out = tmp_path / "taken" / "out.jsonl"
+    with pytest.raises(UserError) as info:
+        write_output(str(out), [{"prompt": "p", "completion": "c"}])
+    assert str(out) in info.value.report() and "cannot write the completions" in info.value.report()
+    assert (tmp_path / "taken").read_text().startswith("a file")  # nothing written over it
