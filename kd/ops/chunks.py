@@ -95,7 +95,8 @@ class FusedLinearChunks(torch.autograd.Function):
     forward, chunk by chunk.
 
     For each block of rows c: ``z_s = h_s[c] W_s^T``; ``block_loss`` turns z_s into ``G = dS/dz_s`` in place against
-    the block's teacher side (``z_t = h_t[c] W_t^T``, the given teacher logits, or a stored top-k), then ``dS/dh_s[c] = G W_s`` and ``dS/dW_s += G^T h_s[c]``
+    the block's teacher side (``z_t = h_t[c] W_t^T``, the given teacher logits, or a stored top-k), then
+    ``dS/dh_s[c] = G W_s`` and ``dS/dW_s += G^T h_s[c]``
     (fp32 accumulator, divided by the normalizer before the cast to the weight dtype, so a sum over many tokens cannot
     overflow fp16). Backward only scales the stored gradients by grad_output, so grad_output != 1 costs two small
     elementwise products, and it never touches W_s (a ZeRO-3 lm_head need not be gathered again). Peak extra memory:
