@@ -102,18 +102,15 @@ def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     missing = object()
 
     def walk(a: Any, b: Any, key: str) -> None:
+        # A knob one side's kd did not have yet: that kd computed what the knob's default computes (new knobs are
+        # added with the old behaviour as their default), so a run recorded before it existed is the same run.
+        a = schema_default(key) if a is missing else a
+        b = schema_default(key) if b is missing else b
         if isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 walk(a.get(k, missing), b.get(k, missing), f"{key}.{k}")
-            return
-        # A knob one side's kd did not have yet: that kd computed what the knob's default computes (new knobs are
-        # added with the old behaviour as their default), so a run recorded before it existed is the same run.
-        if a is missing:
-            a = schema_default(key)
-        if b is missing:
-            b = schema_default(key)
-        if a != b:
-            out.append(f"{key}: {None if a is missing else a!r} -> {None if b is missing else b!r}")
+        elif a != b:
+            out.append(f"{key}: {a!r} -> {b!r}")
 
     def get(tree: dict[str, Any], dotted: str) -> Any:
         for part in dotted.split("."):

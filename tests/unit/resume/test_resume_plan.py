@@ -151,3 +151,12 @@ def test_a_knob_added_after_the_run_counts_at_its_default():
     # And the other way round: a knob the current kd no longer has is still listed.
     saved["loss"]["old_knob"] = 3
     assert recipe_differences(saved, recipe().model_dump(mode="json")) == ["loss.old_knob: 3 -> None"]
+
+
+def test_a_section_added_after_the_run_is_compared_key_by_key_at_its_defaults():
+    saved = recipe().model_dump(mode="json")
+    del saved["loss"]["taid"]  # a whole sub-section the recording kd did not have
+    assert recipe_differences(saved, recipe().model_dump(mode="json")) == []
+    changed = recipe().model_dump(mode="json")
+    changed["loss"]["taid"]["t_start"] = 0.2
+    assert recipe_differences(saved, changed) == ["loss.taid.t_start: 0.4 -> 0.2"]
