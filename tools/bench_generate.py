@@ -7,6 +7,12 @@ prompts and lengths (every row decodes exactly --new-tokens tokens: EOS can not 
 Without --model a random Llama of --layers/--hidden is built from a config. The 2-rank part runs this script under
 torch.distributed.run (`--worker`); rank 0 prints one JSON line, which the parent reads. The last line printed is
 a JSON summary with the ratios.
+
+Two replica baselines: `hf_replica` is HF `generate` alone in one process, the issue's baseline. `hf_replica_per_rank`
+is HF `generate` on a whole replica in every rank of the 2-rank part at the same moment (each rank timed on its own,
+the mean reported): the ranks then share the machine exactly as the ZeRO-3 ranks do. On a GPU node, where each rank
+has its own device, the two agree; on a CPU machine the ranks share cores' caches and memory bandwidth, and
+`gathered_once_vs_hf_per_rank` separates that contention from the cost of kd's loop and the gather.
 """
 from __future__ import annotations
 
@@ -64,11 +70,16 @@ def time_kd(model, ids, mask, args, **kw) -> float:
 
 @torch.no_grad()
 def time_hf(model, ids, mask, args) -> float:
+    from kd.engine import dist
+
     kw = dict(do_sample=False, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
     model.generate(input_ids=ids[:, -2:], attention_mask=mask[:, -2:], **{**kw, "max_new_tokens": 2,
                                                                           "min_new_tokens": 2})
+    dist.synchronize()
+    dist.barrier()  # in the 2-rank part: every rank's replica starts decoding at the same moment (no-op alone)
     t0 = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    dist.synchronize()
     assert out.shape[1] - ids.shape[1] == args.new_tokens
     return args.batch * args.new_tokens / (time.perf_counter() - t0)
 
@@ -87,6 +98,12 @@ def worker(args) -> None:
     ids, mask = prompts(args, model.config.vocab_size, dist.device())
     target = Target(engine.module, engine)
     result = {f"zero3_{g}": time_kd(None, ids, mask, args, target=target, gather=g) for g in ("always", "never")}
+    del engine, target, model
+    # every rank times HF generate on its own whole replica at the same moment: the per-rank baseline under the
+    # same sharing of the machine as the ZeRO-3 ranks above
+    replica = build_model(args).to(dist.device())
+    rates = dist.all_gather_object(time_hf(replica, ids, mask, args))
+    result["hf_replica_per_rank"] = sum(rates) / len(rates)
     if dist.is_main():
         print("RESULT " + json.dumps(result), flush=True)
 
@@ -97,6 +114,8 @@ def summarize(rates: dict[str, float]) -> dict[str, float]:
         out["gathered_once_vs_layers"] = rates["zero3_always"] / rates["zero3_never"]
     if "zero3_always" in rates and "hf_replica" in rates:
         out["gathered_once_vs_hf"] = rates["zero3_always"] / rates["hf_replica"]
+    if "zero3_always" in rates and "hf_replica_per_rank" in rates:
+        out["gathered_once_vs_hf_per_rank"] = rates["zero3_always"] / rates["hf_replica_per_rank"]
     if "kd_replica" in rates and "hf_replica" in rates:
         out["kd_replica_vs_hf"] = rates["kd_replica"] / rates["hf_replica"]
     return out

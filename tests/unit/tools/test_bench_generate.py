@@ -19,3 +19,4 @@ def test_one_process_part_and_ratios(capsys):
     assert bench.summarize({"zero3_always": 6.0, "zero3_never": 2.0, "hf_replica": 3.0}) == {
         "zero3_always": 6.0, "zero3_never": 2.0, "hf_replica": 3.0, "gathered_once_vs_layers": 3.0,
         "gathered_once_vs_hf": 2.0}
+    assert bench.summarize({"zero3_always": 6.0, "hf_replica_per_rank": 4.0})["gathered_once_vs_hf_per_rank"] == 1.5
