@@ -27,15 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--prompts", required=True, help="JSON lines with a 'prompt' or 'messages' field")
     p.add_argument("--out", required=True, help="output JSON lines file")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per rollout on each rank")
-    p.add_argument("--gather", choices=["auto", "always", "never"], default="auto",
-                   help="ZeRO-3 models: gather parameters once per rollout, or layer by layer")
-    p.add_argument("--nproc", type=int, default=1, help="processes on this machine")
+    gen_cli.add_rollout_arguments(p, gather_help="ZeRO-3 models: gather parameters once per rollout, or layer by layer")
 
 
 def prepare(args: argparse.Namespace):
