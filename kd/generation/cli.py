@@ -157,7 +157,8 @@ def generate_all(args: argparse.Namespace, recipe: Any, tokenizer: Any, rows: li
     config = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     eos = {tokenizer.eos_token_id}
     generation_eos = getattr(getattr(target.model, "generation_config", None), "eos_token_id", None)
-    eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos] if generation_eos is not None else [])
+    if generation_eos is not None:
+        eos |= set(generation_eos if isinstance(generation_eos, list) else [generation_eos])
     vocab = min(len(tokenizer), int(target.model.config.vocab_size))
     batches = [list(range(i, min(i + args.batch_size, len(rows)))) for i in range(0, len(rows), args.batch_size)]
     rounds = -(-len(batches) // world)
