@@ -121,7 +121,7 @@ def summarize(rates: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def main(argv=None) -> dict[str, float]:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="a Hugging Face model directory (default: a random Llama)")
     p.add_argument("--layers", type=int, default=4)
@@ -132,7 +132,11 @@ def main(argv=None) -> dict[str, float]:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--nproc", type=int, default=2, help="ranks of the ZeRO-3 part (0: skip it)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict[str, float]:
+    args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if args.worker:
         worker(args)
@@ -142,7 +146,7 @@ def main(argv=None) -> dict[str, float]:
     ids, mask = prompts(args, model.config.vocab_size, device)
     rates = {"hf_replica": time_hf(model, ids, mask, args), "kd_replica": time_kd(model, ids, mask, args)}
     if args.nproc > 0:
-        flags = [a for a in (argv if argv is not None else sys.argv[1:])]
+        flags = worker_flags(args)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--master_port",
                str(_free_port()), os.path.abspath(__file__), *flags, "--worker"]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -156,6 +160,16 @@ def main(argv=None) -> dict[str, float]:
         print(f"  {name:<26} {value:10.2f}{' tok/s' if not name.count('_vs_') else ' x'}")
     print(json.dumps(summary))
     return summary
+
+
+def worker_flags(args) -> list[str]:
+    """The flags a ZeRO-3 rank gets: the model and the sizes, rebuilt from the parsed arguments. Not the command
+    line as typed: torch.distributed.run reads an option placed after the script when it is a prefix of its own
+    (`--nproc` of `--nproc-per-node`), and the ranks need no --nproc."""
+    flags = ["--model", args.model] if args.model else []
+    for name in ("layers", "hidden", "vocab", "batch", "prompt_len", "new_tokens"):
+        flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
 
 
 def _free_port() -> int:

@@ -156,6 +156,13 @@ def _bench_step_number(result: Any) -> str:
             f"(loss fwd+bwd {1e3 * (result['kd']['loss_fwd'] + result['kd']['loss_bwd']):.0f} ms)")
 
 
+def _bench_generate_number(result: Any) -> str:
+    if not isinstance(result, dict) or "gathered_once_vs_hf" not in result:
+        return "-"
+    return (f"ZeRO-3 gathered once {result['zero3_always']:.0f} tok/s per rank = {result['gathered_once_vs_hf']:.2f}x "
+            f"HF replica, {result['gathered_once_vs_layers']:.1f}x layer by layer")
+
+
 def _train_number(out: Path) -> str:
     info = _read_json(out / "train.json")
     return info.get("summary", "-") if isinstance(info, dict) else "-"
@@ -169,6 +176,8 @@ def stage_number(out: Path, stage: str) -> str:
         return _kernels_number(_read_json(out / "bench_kernels.json"))
     if stage.startswith("bench_step"):
         return _bench_step_number(_read_json(out / f"{stage}.json"))
+    if stage == "bench_generate":
+        return _bench_generate_number(_read_json(out / "bench_generate.json"))
     if stage == "train":
         return _train_number(out)
     return "-"

@@ -59,7 +59,8 @@ def test_tiny_assets_validate_and_build_models_of_the_stated_shapes(tmp_path):
 def test_summary_table_lists_every_stage_with_its_key_number(tmp_path):
     (tmp_path / "stages.tsv").write_text("install\tskipped: present\t0\npytest_gpu\tok\t61\n"
                                          "bench_kernels\tok\t40\nbench_step_fused\tfailed (exit 1)\t12\n"
-                                         "bench_step_dense\tok\t30\ntrain\ttimeout after 240s\t240\n")
+                                         "bench_step_dense\tok\t30\nbench_generate\tok\t50\n"
+                                         "train\ttimeout after 240s\t240\n")
     (tmp_path / "pytest_gpu.log").write_text("....\n========== 12 passed, 3 skipped in 50.1s ==========\n")
     (tmp_path / "bench_kernels.json").write_text(json.dumps({"records": [
         {"kind": "dense", "divergence": "forward_kl", "method": "kd", "ratio_to_floor": 1.4},
@@ -69,17 +70,21 @@ def test_summary_table_lists_every_stage_with_its_key_number(tmp_path):
     (tmp_path / "bench_step_dense.json").write_text("[WARNING] DeepSpeed prints to stdout too\n" + json.dumps(
         {"ratio": 1.2345, "kd_tokens_per_s": 51234.4, "kd": {"loss_fwd": 0.01, "loss_bwd": 0.02}}) + "\n")
     (tmp_path / "bench_step_fused.json").write_text("")  # a failed stage leaves nothing readable
+    (tmp_path / "bench_generate.json").write_text("generation, batch 16:\n" + json.dumps(
+        {"zero3_always": 812.4, "gathered_once_vs_hf": 0.9125, "gathered_once_vs_layers": 31.04}) + "\n")
     lines = gpu_check.summary_table(tmp_path).splitlines()
-    assert len(lines) == 2 + 6
+    assert len(lines) == 2 + 7
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
     assert cells[0] == ["stage", "status", "seconds", "key number"]
     assert [c[0] for c in cells[2:]] == ["install", "pytest_gpu", "bench_kernels", "bench_step_fused",
-                                         "bench_step_dense", "train"]
+                                         "bench_step_dense", "bench_generate", "train"]
     by_stage = {c[0]: c[1:] for c in cells[2:]}
     assert by_stage["pytest_gpu"] == ["ok", "61", "12 passed, 3 skipped in 50.1s"]
     assert by_stage["bench_kernels"][2] == "2 kd timings, worst 2.25x floor (fused jsd)"
     assert by_stage["bench_step_dense"][2] == "KD/baseline 1.234, 51234 tokens/s (loss fwd+bwd 30 ms)"
     assert by_stage["bench_step_fused"] == ["failed (exit 1)", "12", "-"]
+    assert by_stage["bench_generate"][2] == ("ZeRO-3 gathered once 812 tok/s per rank = 0.91x HF replica, "
+                                             "31.0x layer by layer")
     assert by_stage["train"] == ["timeout after 240s", "240", "-"]
     assert len({len(line) for line in lines}) == 1  # the columns line up
 
