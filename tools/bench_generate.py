@@ -10,9 +10,9 @@ a JSON summary with the ratios.
 
 Two replica baselines: `hf_replica` is HF `generate` alone in one process, the issue's baseline. `hf_replica_per_rank`
 is HF `generate` on a whole replica in every rank of the 2-rank part at the same moment (each rank timed on its own,
-the mean reported): the ranks then share the machine exactly as the ZeRO-3 ranks do. On a GPU node, where each rank
-has its own device, the two agree; on a CPU machine the ranks share cores' caches and memory bandwidth, and
-`gathered_once_vs_hf_per_rank` separates that contention from the cost of kd's loop and the gather.
+the mean reported): the ranks then share the machine exactly as the ZeRO-3 ranks do, so
+`gathered_once_vs_hf_per_rank` separates what sharing the machine costs from what kd's loop and the gather cost
+(on the 2-core CPU machine the two baselines agree: sharing costs nothing measurable there).
 """
 from __future__ import annotations
 
