@@ -206,14 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         arms = plan_arms(recipes, out_dir)
         resolved = {arm: resolve(arm, args.overrides) for arm in arms}  # every recipe error before any training
         check_fair(arms, resolved, args.nproc)
-        finals = {arm: cl.final_step_of(resolved[arm]) for arm in arms}
-        states = {arm: cl.run_state(arm.dir, finals[arm]) for arm in arms}
-        for arm in arms:
-            if states[arm].status == "finished":
-                check_identity(arm, resolved[arm])
-            if states[arm].status == "past_end":
-                raise UserError(f"{arm.dir} has trained to step {states[arm].step}, past the requested final step "
-                                f"{finals[arm]}; use another --out")
+        finals, states = cl.checked_states(arms, resolved, check_identity)
         if not args.no_train:
             code = train_arms(args, arms, states, finals)
             if code != 0:

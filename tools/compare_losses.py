@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 # Let the script run from a source checkout without installing kd.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -143,6 +143,22 @@ def requested_recipe(recipe: str, run: Run, overrides: list[str]) -> dict[str, A
 def final_step_of(resolved: dict[str, Any]) -> Optional[int]:
     train = resolved["train"]
     return train["max_steps"] if train.get("epochs") is None else None
+
+
+def checked_states(runs: list, resolved: dict, identity: Callable[[Any, dict[str, Any]], None]
+                   ) -> tuple[dict, dict]:
+    """Each run's final step and state (anything with a `.dir`: a loss run here, an arm in compare_instruct), after
+    `identity` has checked every finished run against its resolved recipe; a run logged past its final step is
+    refused (its table row would not be the requested step)."""
+    finals = {run: final_step_of(resolved[run]) for run in runs}
+    states = {run: run_state(run.dir, finals[run]) for run in runs}
+    for run in runs:
+        if states[run].status == "finished":
+            identity(run, resolved[run])
+        if states[run].status == "past_end":
+            raise UserError(f"{run.dir} has trained to step {states[run].step}, past the requested final step "
+                            f"{finals[run]} (train.max_steps); use another --out for a shorter comparison")
+    return finals, states
 
 
 def check_identity(run: Run, resolved: dict[str, Any]) -> None:
@@ -307,14 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise UserError(f"--seeds names the same seed twice: {' '.join(map(str, args.seeds))}")
         runs = plan_runs(out_dir, args.losses, args.seeds)
         resolved = {run: requested_recipe(args.recipe, run, args.overrides) for run in runs}  # every recipe error now
-        finals = {run: final_step_of(resolved[run]) for run in runs}
-        states = {run: run_state(run.dir, finals[run]) for run in runs}
-        for run in runs:
-            if states[run].status == "finished":
-                check_identity(run, resolved[run])
-            if states[run].status == "past_end":
-                raise UserError(f"{run.dir} has trained to step {states[run].step}, past the requested final step "
-                                f"{finals[run]} (train.max_steps); use another --out for a shorter comparison")
+        finals, states = checked_states(runs, resolved, check_identity)
         if not args.no_train:
             code = train_runs(args, runs, states, finals)
             if code != 0:
