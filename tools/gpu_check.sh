@@ -180,7 +180,8 @@ if [ $SMOKE = 1 ]; then
   stage bench_kernels 100 "$PY" tools/bench_kernels.py --fused 64,32,48,1031 --dense 64,1031 --no-compile --no-liger \
     --divergences forward_kl --warmup 1 --iters 1 --dtype fp32 --json "$OUT/bench_kernels.json"
 else
-  stage pytest_gpu 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/unit/engine
+  stage pytest_gpu 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/kernels tests/unit/engine \
+    tests/unit/generation
   stage bench_kernels 120 "$PY" tools/bench_kernels.py --json "$OUT/bench_kernels.json"
 fi
 

@@ -185,3 +185,55 @@ def test_bad_sampling_settings_are_refused():
             SamplingConfig(**bad)
     with pytest.raises(ValueError, match="at least one token"):
         left_pad([[1], []], PAD)
+
+
+# ------------------------------------------------------------------------------------------------------ on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_cuda_cached_greedy_equals_the_recomputation_and_sampling_draws_on_the_device(model):
+    """The decode loop on CUDA: every tensor it makes lives on the prompts' device (an EOS id tensor or a mask left
+    on the CPU fails there, not under gloo), greedy with the cache equals recomputing on the GPU, and sampling
+    draws from a CUDA generator that follows its seed and round-trips through a checkpoint's state dict."""
+    device = torch.device("cuda")
+    gpu = LlamaForCausalLM(model.config).double().eval()
+    gpu.load_state_dict(model.state_dict())
+    gpu.to(device)
+    ids, mask = left_pad(PROMPTS, PAD, device)
+    got = decode(gpu, ids, mask, sampler=greedy(10), eos_ids=[EOS], pad_id=PAD)
+    assert got.tokens.device.type == "cuda" and got.mask.device.type == "cuda"
+    assert [got.completion(r) for r in range(len(PROMPTS))] == argmax_without_cache(model, PROMPTS, 10)
+
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.5, top_p=0.95, top_k=40)
+    first = Sampler(cfg, seed=3, device=device)
+    a = decode(gpu, ids, mask, sampler=first, eos_ids=[EOS], pad_id=PAD)
+    b = decode(gpu, ids, mask, sampler=Sampler(cfg, seed=3, device=device), eos_ids=[EOS], pad_id=PAD)
+    assert torch.equal(a.tokens, b.tokens) and first.generator.device.type == "cuda"
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = Sampler(cfg, seed=0, device=device)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(decode(gpu, ids, mask, sampler=resumed, eos_ids=[EOS], pad_id=PAD).tokens,
+                       decode(gpu, ids, mask, sampler=first, eos_ids=[EOS], pad_id=PAD).tokens)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_cuda_bf16_decoding_runs_and_its_batch_trains(model):
+    """bf16 weights (what GPU recipes use): the loop upcasts the logits for the sampler, the ids stay int64, and the
+    completions make a training batch whose loss backpropagates."""
+    device = torch.device("cuda")
+    gpu = LlamaForCausalLM(model.config).to(device, torch.bfloat16).eval()
+    ids, mask = left_pad(PROMPTS, PAD, device)
+    out = decode(gpu, ids, mask, sampler=Sampler(SamplingConfig(max_new_tokens=6, temperature=1.0), seed=1,
+                                                   device=device), eos_ids=[EOS], pad_id=PAD)
+    assert out.tokens.dtype == torch.long and out.tokens.shape == (len(PROMPTS), out.forwards)
+    batch = out.training_batch()
+    assert all(t.device.type == "cuda" for t in batch.values())
+    gpu.train()
+    logits = gpu(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+    loss.backward()
+    assert torch.isfinite(loss) and gpu.lm_head.weight.grad is not None
