@@ -12,10 +12,10 @@
 #   assets         tools/gpu_check.py assets: a Qwen2.5-sized tokenizer (151,665 entries), random-word corpus, recipes
 #                  with randomly initialised Qwen2.5-1.5B-shaped teacher and 0.5B-shaped student (bf16)
 #   bench_step_dense / bench_step_fused   tools/bench_step.py on that recipe, loss.fused_linear off / on
-#   bench_generate tools/bench_generate.py: ZeRO-3 generation gathered once vs layer by layer vs HF generate on a
-#                  replica (a random 16-layer Llama; one rank per visible GPU)
 #   train          kd train, 20 steps on 1 GPU with a checkpoint every 10: SIGKILL after the step-10 save, rerun
 #                  (resume: auto continues from it), check the 20 steps in metrics.jsonl, kd export
+#   bench_generate tools/bench_generate.py: ZeRO-3 generation gathered once vs layer by layer vs HF generate on a
+#                  replica (a random 16-layer Llama; one rank per visible GPU)
 # then OUT_DIR/summary.md: stage | status | seconds | key number. Exit 0 when every stage that ran passed.
 #
 # --cpu-smoke runs the same stages at tiny sizes on a CPU machine, skipping the CUDA-only ones (pytest -m gpu; the
@@ -188,9 +188,9 @@ fi
 ASSETS="$OUT/assets"
 stage assets 120 "$PY" tools/gpu_check.py assets "$ASSETS" $([ $SMOKE = 1 ] && echo --tiny)
 if [ ! -f "$ASSETS/train.yaml" ]; then
-  for s in bench_step_dense bench_step_fused bench_generate train; do skip $s "no assets (see assets.log)"; done
+  for s in bench_step_dense bench_step_fused train bench_generate; do skip $s "no assets (see assets.log)"; done
 elif [ $READY = 0 ]; then
-  for s in bench_step_dense bench_step_fused bench_generate train; do
+  for s in bench_step_dense bench_step_fused train bench_generate; do
     skip $s "${MISSING}not installed (pass --wheels DIR)"
   done
 else
@@ -201,12 +201,12 @@ else
     stage bench_step_$mode 120 sh -c '"$@" > "$0"' "$OUT/bench_step_$mode.json" \
       "$PY" tools/bench_step.py "$ASSETS/bench.yaml" loss.fused_linear=$fused "${EXTRA[@]}" "${steps[@]}" --json
   done
+  stage train 240 "$SELF" __train "$ASSETS/train.yaml" "$OUT" "${EXTRA[@]}"
   # one rank per GPU: NCCL refuses two ranks on one device, so a 1-GPU machine measures a 1-rank ZeRO-3 engine
   gen=(--layers 16 --hidden 1024 --vocab 32000 --batch 16 --prompt-len 128 --new-tokens 128
        --nproc "$("$PY" -c 'import torch; print(max(1, torch.cuda.device_count()))')")
   [ $SMOKE = 1 ] && gen=(--layers 2 --hidden 64 --vocab 256 --batch 4 --prompt-len 16 --new-tokens 8 --nproc 2)
   stage bench_generate 120 sh -c '"$@" > "$0"' "$OUT/bench_generate.json" "$PY" tools/bench_generate.py "${gen[@]}"
-  stage train 240 "$SELF" __train "$ASSETS/train.yaml" "$OUT" "${EXTRA[@]}"
 fi
 
 "$PY" tools/gpu_check.py summary "$OUT" || FAILED=1
