@@ -21,8 +21,11 @@ CHILD = textwrap.dedent("""
     open(sys.argv[1], "w").write("saved")
 """)
 
+# SIGINT as a terminal's shell leaves it: a test run started in the background (`cmd &` in a script) inherits SIGINT
+# ignored, and Python then installs no KeyboardInterrupt handler at all
 PARENT = textwrap.dedent("""
-    import sys
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from kd.cli import run_launcher
     sys.exit(run_launcher([sys.executable, "-c", sys.argv[1], sys.argv[2]], port=0))
 """)
