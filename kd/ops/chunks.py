@@ -12,7 +12,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from kd.ops.spec import ROW_ALIGN, DivergenceSpec, FusedLossOutput, Scalar
+from kd.ops.spec import DivergenceSpec, FusedLossOutput, Scalar, row_aligned_empty
 from kd.ops.torch_path import block_step
 
 # A chunk step: (student_logits [C, V] in place -> dlogits, teacher_logits [C, V], mask [C], labels [C], spec,
@@ -46,14 +46,13 @@ def _flat_logits(x: Tensor) -> Tensor:
 
 
 # The fused path's [C, V] logit blocks get rows padded to ROW_ALIGN (kd.ops.spec): a [C, V] GEMM output would have
-# row stride V. The padding columns are never read or written: GEMMs take the strided view as it is.
+# row stride V. GEMMs take the strided view as it is.
 
 
 def _logit_block(rows: int, vocab: int, like: Tensor) -> Tensor:
     """An uninitialized ``[rows, vocab]`` block (dtype and device of ``like``) with its row stride rounded up to
-    ``ROW_ALIGN``: a view of a slightly wider buffer."""
-    width = -(-vocab // ROW_ALIGN) * ROW_ALIGN
-    return torch.empty(rows, width, dtype=like.dtype, device=like.device)[:, :vocab]
+    ``ROW_ALIGN``: a view of a slightly wider buffer whose padding columns are zero."""
+    return row_aligned_empty((rows, vocab), like.dtype, like.device)[0]
 
 
 def _block_rows(x: Tensor, blk: slice, vocab: int) -> Tensor:

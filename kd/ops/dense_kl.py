@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kd.ops.spec import ROW_ALIGN, DivergenceSpec
+from kd.ops.spec import DivergenceSpec, row_aligned_empty
 from kd.ops import row_math as rm
 
 # Launch parameters on a GPU: a starting point for H100/H200 (tools/bench_kernels.py --block/--warps sweeps them).
@@ -150,9 +150,7 @@ def rows_launch(student: Tensor, teacher: Tensor, grad: Tensor, mask: Tensor, la
 def grad_buffer(student: Tensor) -> tuple[Tensor, Tensor]:
     """(gradient ``[..., V]`` shaped like ``student``, its flat storage). Rows are padded to a multiple of ROW_ALIGN
     elements: with V not a multiple of 16 a dense buffer's rows would start unaligned and every store be scalar."""
-    width = -(-student.shape[-1] // ROW_ALIGN) * ROW_ALIGN
-    flat = torch.empty(*student.shape[:-1], width, dtype=student.dtype, device=student.device)
-    return flat[..., :student.shape[-1]], flat
+    return row_aligned_empty(tuple(student.shape), student.dtype, student.device)
 
 
 def dense_pass_triton(student: Tensor, teacher: Tensor, mask: Tensor, labels: Tensor, spec: DivergenceSpec,

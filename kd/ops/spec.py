@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
 from kd.labels import IGNORE_INDEX  # noqa: F401 - re-exported: the spec and the kernels use the same constant
@@ -22,8 +23,20 @@ Scalar = Union[float, Tensor]
 
 # Row stride of every [rows, V] block the Triton kernels read or write: V rounded up to a multiple of 16 elements, so
 # every row starts 16-aligned and loads and stores stay 128-bit vectors when V is not a multiple of 16 (the trainer
-# cuts to the tokenizer's vocabulary, e.g. 151665 for Qwen2.5; kd.ops.row_math). The padding is never read.
+# cuts to the tokenizer's vocabulary, e.g. 151665 for Qwen2.5; kd.ops.row_math).
 ROW_ALIGN = 16
+
+
+def row_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(an uninitialized ``shape`` tensor whose rows are padded to a multiple of ROW_ALIGN elements, the padded
+    buffer it views). The padding columns are zeroed: kd's kernels never read them, but a GEMM given the view may
+    (CPU bf16 ``torch.mm`` with a row stride wider than the row reads them, and multiplying uninitialized NaN by zero
+    turned whole rows of a gradient into NaN). Zeroing costs ``rows x (width - V)`` elements, V >> width - V."""
+    cols = shape[-1]
+    width = -(-cols // ROW_ALIGN) * ROW_ALIGN
+    flat = torch.empty(*shape[:-1], width, dtype=dtype, device=device)
+    flat[..., cols:].zero_()
+    return flat[..., :cols], flat
 
 
 @dataclass(frozen=True)
