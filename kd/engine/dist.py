@@ -51,6 +51,12 @@ def shutdown() -> None:
     is still receiving its last broadcast can abort ("terminate called without an active exception", exit -6).
     Meant for where every rank arrives (success, or an error all ranks agreed on); the wait is bounded all the
     same, so a rank whose peers never come exits anyway and the launcher stops the rest.
+
+    The group must have been made by `init` (deepspeed imported first). Measured with torch 2.13 and deepspeed
+    0.19: a group created with plain init_process_group and deepspeed imported after it survives
+    destroy_process_group. Its gloo threads then live on into interpreter exit, and one still freeing the last
+    collective's tensors needs the GIL there and aborts the process (a 2-rank test flaked about 1 run in 30 under
+    load).
     """
     if is_initialized():
         try:

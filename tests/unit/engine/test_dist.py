@@ -117,7 +117,10 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, scenario: str, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    # join as kd's ranks do (dist.init: deepspeed imported, then init_distributed). A group created before deepspeed
+    # is imported outlives destroy_process_group, and at exit a gloo thread still freeing the last collective's
+    # tensors can abort the process ("terminate called without an active exception").
+    dist.init()
     from kd.errors import UserError
 
     outcome = "returned"

@@ -36,11 +36,14 @@ class _Trained(torch.nn.Module):
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kd.engine import dist
+    # joins as kd's ranks do (dist.init: deepspeed imported, then init_distributed). A group created before deepspeed
+    # is imported outlives destroy_process_group, and at exit a gloo thread still freeing the last collective's
+    # tensors can abort the process ("terminate called without an active exception").
+    dist.init()
     from kd.generation import SamplingConfig, Sampler, generate, left_pad, student_target
     from kd.generation.gather import _offload
 
@@ -103,7 +106,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         result["loss_matches"] = abs(float(loss) - float(replica(input_ids=batch, labels=batch).loss)) < 1e-5
     dist.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()
+    dist.shutdown()  # what kd's ranks do at exit: leave the group together
 
 
 def test_two_ranks_stay_in_lockstep_under_zero3(tmp_path):
