@@ -55,7 +55,7 @@ def shutdown() -> None:
     The group must have been made by `init` (deepspeed imported first). Measured with torch 2.13 and deepspeed
     0.19: a group created with plain init_process_group and deepspeed imported after it survives
     destroy_process_group. Its gloo threads then live on into interpreter exit, and one still freeing the last
-    collective's tensors needs the GIL there and aborts the process (a 2-rank test flaked about 1 run in 30 under
+    collective's tensors needs the GIL there and aborts the process (1 run in 15 to 60 of a 2-rank test under
     load).
     """
     if is_initialized():
