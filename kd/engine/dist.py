@@ -56,7 +56,7 @@ def shutdown() -> None:
     0.19: a group created with plain init_process_group and deepspeed imported after it survives
     destroy_process_group. Its gloo threads then live on into interpreter exit, and one still freeing the last
     collective's tensors needs the GIL there and aborts the process (1 run in 15 to 60 of a 2-rank test under
-    load).
+    load). tests/unit/engine/test_dist.py checks that no gloo thread outlives this function.
     """
     if is_initialized():
         try:

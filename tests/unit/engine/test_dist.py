@@ -152,10 +152,14 @@ def _worker(rank: int, port: int, scenario: str, out_dir: str) -> None:
         outcome = "RuntimeError"
     Path(out_dir, f"rank{rank}").write_text(outcome)
     dist.shutdown()  # what kd's ranks do at exit: leave the group together
+    # ... and the group's gloo threads are gone before the interpreter exits (one still running there can abort it)
+    threads = [Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()]
+    Path(out_dir, f"rank{rank}.gloo_threads").write_text(str(sum(name.startswith("pt_gloo") for name in threads)))
 
 
 def _run(scenario: str, tmp_path: Path) -> list[str]:
     mp.spawn(_worker, args=(_free_port(), scenario, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}.gloo_threads").read_text() for r in range(2)] == ["0", "0"], scenario
     return [(tmp_path / f"rank{r}").read_text() for r in range(2)]
 
 
