@@ -65,4 +65,6 @@ def _run(args: argparse.Namespace) -> tuple[int, bool]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kd.engine.dist import exit_process
+
+    exit_process(main())  # a rank's process ends without the interpreter's teardown (see exit_process)

@@ -136,8 +136,10 @@ class MetricsLogger:
         return time.strftime("%H:%M:%S", time.gmtime(left))
 
     def close(self) -> None:
-        if not self.enabled:
+        """Flush and close every file (idempotent: the trainer also closes in a `finally`, for a run that fails)."""
+        if not self.enabled or getattr(self, "_closed", False):
             return
+        self._closed = True
         self._flush_pending()
         if self._bar is not None:
             self._bar.close()

@@ -131,6 +131,12 @@ class Trainer:
         )
         if dist.is_main():
             self.metrics.truncate_after(start)  # records of a crashed run past the checkpoint are superseded
+        try:
+            self._run_steps(start)
+        finally:  # a failed run's last TensorBoard events and lines reach the disk too (ranks end with os._exit)
+            self.metrics.close()
+
+    def _run_steps(self, start: int) -> None:
         self.metrics.print(
             f"kd: {self.world} rank(s), {len(self.train_ds)} train samples of {self.recipe.data.seq_len} tokens, "
             f"global batch {self.global_batch}, steps {start} -> {self.total_steps}"
@@ -151,7 +157,6 @@ class Trainer:
                 self.metrics.log_step(self.step, scalars)
                 self.metrics.print(f"kd: stop requested (SIGTERM/SIGINT): saving at step {self.step} and exiting")
                 self._save()
-                self.metrics.close()
                 return
             if (ev.interval and self.step % ev.interval == 0) or self.step == self.total_steps:
                 self._evaluate()

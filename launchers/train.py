@@ -4,9 +4,10 @@
 
 All logic lives in kd.launch (so `deepspeed --module kd.launch` works too, also from a non-editable install).
 """
-import sys
 
 from kd.launch import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kd.engine.dist import exit_process
+
+    exit_process(main())  # a rank's process ends without the interpreter's teardown (see exit_process)

@@ -144,8 +144,11 @@ def main(argv=None) -> dict[str, float]:
     args = parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
     if args.worker:
+        from kd.engine import dist
+
         worker(args)
-        return {}
+        dist.shutdown()
+        dist.exit_process(0)  # not the interpreter's teardown, where a gloo thread can abort the rank (kd.engine.dist)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(args).to(device)
     ids, mask = prompts(args, model.config.vocab_size, device)

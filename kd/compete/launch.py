@@ -50,4 +50,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kd.engine.dist import exit_process
+
+    exit_process(main())  # a rank's process ends without the interpreter's teardown (see exit_process)

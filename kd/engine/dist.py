@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Optional, Sequence, TypeVar
+import sys
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as _dist
@@ -52,11 +53,11 @@ def shutdown() -> None:
     Meant for where every rank arrives (success, or an error all ranks agreed on); the wait is bounded all the
     same, so a rank whose peers never come exits anyway and the launcher stops the rest.
 
-    The group must have been made by `init` (deepspeed imported first). Measured with torch 2.13 and deepspeed
-    0.19: a group created with plain init_process_group and deepspeed imported after it survives
-    destroy_process_group. Its gloo threads then live on into interpreter exit, and one still freeing the last
-    collective's tensors needs the GIL there and aborts the process (1 run in 15 to 60 of a 2-rank test under
-    load). tests/unit/engine/test_dist.py checks that no gloo thread outlives this function.
+    This does not make the exit itself safe: DeepSpeed keeps its engines, and with them their process groups, alive
+    to the end of the process (measured, torch 2.13 / deepspeed 0.19: four gloo threads survive `del engine`,
+    gc.collect() and this function), and so does a group created before deepspeed was imported. A gloo thread still
+    releasing the last collective's tensors when the interpreter tears down needs the GIL there and aborts the
+    process. Rank entry points therefore end with `exit_process`.
     """
     if is_initialized():
         try:
@@ -67,6 +68,29 @@ def shutdown() -> None:
             _dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - nothing useful to report at exit
             pass
+
+
+def exit_process(code: Optional[int]) -> NoReturn:
+    """End a rank's process with exit status ``code`` (None: 0) without the interpreter's teardown, as
+    multiprocessing ends its workers: join the non-daemon threads, run the atexit handlers (logging, TensorBoard,
+    temporary files) while the interpreter is fully alive, flush stdout and stderr, then `os._exit`.
+
+    The teardown is where a background C++ thread (gloo's, NCCL's watchdog) that still holds Python tensors crashes
+    the process (see `shutdown`), after everything was saved and reported. Call it last, from `__main__`.
+    """
+    import atexit
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # noqa: SLF001 - the same call the interpreter makes at exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced streams: nothing left to flush
+            pass
+    os._exit(code or 0)
 
 
 def _free_port() -> int:

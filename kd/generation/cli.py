@@ -252,4 +252,6 @@ def _wrote(args: argparse.Namespace, n: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from kd.engine.dist import exit_process
+
+    exit_process(main())  # a rank's process ends without the interpreter's teardown (see exit_process)

@@ -179,3 +179,47 @@ def test_failures_reach_every_rank(tmp_path):
     # rank 0's first pass of a main-first block fails: the others do not run it, they raise the same error
     r0, r1 = _run("first_block_fails", tmp_path)
     assert r0 == r1 == "UserError data.train.path: no such file"
+
+
+# ------------------------------------------------------------------ the end of a rank's process
+EXIT_CHILD = r"""
+import atexit, sys, threading, time
+from pathlib import Path
+from kd.engine import dist
+
+out = Path(sys.argv[1])
+atexit.register(lambda: out.joinpath("atexit").write_text("ran"))
+def late():
+    time.sleep(0.3)
+    out.joinpath("thread").write_text("joined")
+threading.Thread(target=late).start()  # non-daemon: the interpreter would wait for it, so must exit_process
+sys.stdout.write("buffered, no newline")
+dist.exit_process(3)
+out.joinpath("after").write_text("exit_process returned")
+"""
+
+
+def test_exit_process_keeps_what_the_interpreters_exit_does(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(tmp_path)], capture_output=True, text=True,
+                         timeout=120, cwd=KD.parent)
+    assert run.returncode == 3, run.stderr
+    assert run.stdout == "buffered, no newline"
+    assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "joined"
+    assert not (tmp_path / "after").exists()
+
+
+RANK_ENTRY_POINTS = ["kd/launch.py", "launchers/train.py", "kd/generation/cli.py", "kd/fusion/generate.py",
+                     "kd/compete/launch.py", "kd/store/precompute.py", "tools/bench_step.py"]
+
+
+@pytest.mark.parametrize("path", RANK_ENTRY_POINTS)
+def test_rank_entry_points_end_with_exit_process(path):
+    """A process that may hold a DeepSpeed engine ends with dist.exit_process, not sys.exit (see its docstring)."""
+    tree = ast.parse((KD.parent / path).read_text())
+    main_blocks = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    assert len(main_blocks) == 1, path
+    calls = [ast.unparse(n.func) for n in ast.walk(main_blocks[0]) if isinstance(n, ast.Call)]
+    assert "exit_process" in calls and "sys.exit" not in calls, (path, calls)
