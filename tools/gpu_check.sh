@@ -35,7 +35,9 @@ if [ "${1:-}" = "__train" ]; then
   run=$("$PY" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['run']['output_dir'])" "$recipe")
   rm -rf "$run"
   echo "== first run (killed after the step-10 checkpoint): $recipe $*"
-  setsid "$PY" -m kd.cli train "$recipe" "$@" --nproc 1 > "$out/train_first.log" 2>&1 &
+  # the step-20 save lingers 5 s before `latest` moves (kd's test hook): a run fast enough to finish between two
+  # polls (tiny sizes on --cpu-smoke did) is still killed after step 10, never at the end
+  KD_TEST_SAVE_DELAY=5@20 setsid "$PY" -m kd.cli train "$recipe" "$@" --nproc 1 > "$out/train_first.log" 2>&1 &
   first=$!
   # setsid made the run its own process group; `latest` moves only once a tag is complete on every rank
   while kill -0 "$first" 2>/dev/null && [ "$(cat "$run/checkpoints/latest" 2>/dev/null)" != step_00000010 ]; do
@@ -61,7 +63,8 @@ records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))
 steps = [r["step"] for r in records if "loss" in r]
 resumed = [line.strip() for line in open(log) if "resumed from" in line]
 exported = sorted(os.listdir(os.path.join(run, "hf")))
-ok = steps == list(range(1, 21)) and bool(resumed) and "config.json" in exported
+# the resume must have come from the step-10 checkpoint the first run was killed after
+ok = steps == list(range(1, 21)) and bool(resumed) and " at step 10 " in resumed[0] and "config.json" in exported
 last = next(r for r in reversed(records) if "loss" in r)
 summary = (f"{'ok' if ok else 'WRONG'}: steps {steps[0]}..{steps[-1]} ({len(steps)} records), "
            f"{'resumed at ' + resumed[0].split(' at ')[-1].split(' (')[0] if resumed else 'not resumed'}, final loss {last['loss']:.3f}, "
