@@ -25,6 +25,7 @@ class MetricsLogger:
         self.log_interval = log_interval
         self._bar = None
         self._pending: Optional[tuple[int, dict]] = None
+        self._closed = False
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -137,7 +138,7 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Flush and close every file (idempotent: the trainer also closes in a `finally`, for a run that fails)."""
-        if not self.enabled or getattr(self, "_closed", False):
+        if not self.enabled or self._closed:
             return
         self._closed = True
         self._flush_pending()

@@ -75,8 +75,9 @@ def exit_process(code: Optional[int]) -> NoReturn:
     multiprocessing ends its workers: join the non-daemon threads, run the atexit handlers (logging, TensorBoard,
     temporary files) while the interpreter is fully alive, flush stdout and stderr, then `os._exit`.
 
-    The teardown is where a background C++ thread (gloo's, NCCL's watchdog) that still holds Python tensors crashes
-    the process (see `shutdown`), after everything was saved and reported. Call it last, from `__main__`.
+    The teardown is where a background C++ thread that still holds Python tensors (gloo's, measured here; NCCL's
+    watchdog thread is of the same kind) crashes the process (see `shutdown`), after everything was saved and
+    reported. Call it last, from `__main__`.
     """
     import atexit
     import threading
